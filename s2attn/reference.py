@@ -1,0 +1,118 @@
+"""Pure-PyTorch block-sparse attention: the specification every kernel is tested against.
+
+Readable top to bottom, differentiable by autograd, and chunked over queries so the full
+``seqlen_q x seqlen_k`` score matrix never exists at once. Inputs in fp16/bf16/fp32 are
+computed in fp32; fp64 inputs are computed in fp64 (that is how tests get a ground truth).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .patterns import BlockPattern
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: BlockPattern,
+    softmax_scale: float,
+    causal: bool,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention for ``q (b, h, sq, d)``, ``k, v (b, hk, sk, d)`` (already in the compute dtype).
+
+    Returns ``out (b, h, sq, d)`` and ``lse (b, h, sq)``. Queries are end-aligned to the keys;
+    a query with no allowed key gets output 0 and lse ``-inf``.
+    """
+    b, h, sq, _ = q.shape
+    sk = k.shape[2]
+    if sq == 0:
+        return q.new_zeros(q.shape), q.new_zeros(q.shape[:3])
+    group = h // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    kpos = torch.arange(sk, device=q.device)
+    outs, lses = [], []
+    for start in range(0, sq, chunk_size):
+        qpos = torch.arange(sk - sq + start, sk - sq + min(start + chunk_size, sq), device=q.device)
+        allowed = pattern.token_mask_rows(qpos.cpu(), kpos.cpu(), causal).to(q.device)  # (hp, c, sk)
+        scores = torch.einsum("bhqd,bhkd->bhqk", q[:, :, start : start + len(qpos)], k) * softmax_scale
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        row_max = scores.amax(-1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        p = torch.exp(scores - row_max)
+        denom = p.sum(-1, keepdim=True)
+        nonempty = denom > 0
+        safe = torch.where(nonempty, denom, torch.ones_like(denom))
+        outs.append(torch.einsum("bhqk,bhkd->bhqd", p, v) / safe)
+        lse = torch.where(nonempty, row_max + torch.log(safe), torch.full_like(safe, float("-inf")))
+        lses.append(lse.squeeze(-1))
+    return torch.cat(outs, 2), torch.cat(lses, 2)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: BlockPattern,
+    *,
+    softmax_scale: float | None = None,
+    causal: bool | None = None,
+    layout: str = "bshd",
+    return_lse: bool = False,
+):
+    """Reference sparse attention. Same arguments and results as :func:`s2attn.sparse_attention`.
+
+    ``layout="bshd"``: ``q (batch, seqlen_q, heads, d)``, ``k, v (batch, seqlen_k, kv_heads, d)``;
+    ``layout="bhsd"``: heads before sequence. ``lse`` is ``(batch, heads, seqlen_q)`` in fp32
+    (fp64 for fp64 inputs).
+    """
+    causal = pattern.causal if causal is None else causal
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    ct = compute_dtype(q.dtype)
+    if layout == "bshd":
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    out, lse = attend(q.to(ct), k.to(ct), v.to(ct), pattern, scale, causal)
+    out = out.to(q.dtype)
+    if layout == "bshd":
+        out = out.transpose(1, 2)
+    return (out, lse) if return_lse else out
+
+
+def reference_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    pattern: BlockPattern,
+    *,
+    softmax_scale: float | None = None,
+    causal: bool | None = None,
+    return_lse: bool = False,
+):
+    """Reference for packed sequences: ``q (total_q, heads, d)``, ``k, v (total_k, kv_heads, d)``,
+    sequence ``i`` at rows ``cu_seqlens[i]:cu_seqlens[i+1]``; each sequence is end-aligned on its
+    own. ``lse`` is ``(heads, total_q)``.
+    """
+    causal = pattern.causal if causal is None else causal
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    ct = compute_dtype(q.dtype)
+    outs, lses = [], []
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for i in range(len(bounds_q) - 1):
+        sl_q = slice(bounds_q[i], bounds_q[i + 1])
+        sl_k = slice(bounds_k[i], bounds_k[i + 1])
+        qi, ki, vi = (x.transpose(0, 1)[None].to(ct) for x in (q[sl_q], k[sl_k], v[sl_k]))
+        out, lse = attend(qi, ki, vi, pattern, scale, causal)
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0])
+    out = torch.cat(outs, 0).to(q.dtype)
+    lse = torch.cat(lses, 1)
+    return (out, lse) if return_lse else out
