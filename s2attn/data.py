@@ -1,0 +1,149 @@
+"""Training and evaluation data, generated on the fly or read from local files (nothing is downloaded).
+
+One tokenizer serves everything: UTF-8 bytes, vocabulary 256. A batch is a pair
+``(input_ids, labels)`` of int64 tensors ``(batch, seq_len)``; ``labels`` holds the token at
+every position the loss is taken on and ``-100`` elsewhere (the ``transformers`` convention:
+the model shifts them, so ``labels[t]`` is predicted from the tokens before ``t``).
+
+Tasks:
+
+* ``passkey``: a 5-digit key hidden at a given depth in repetitive filler text, asked for at
+  the end; the loss is on the key's digits (the last tokens of the sequence).
+* ``mqar``: multi-query associative recall: ``key:value`` pairs fill the context, then a
+  query section repeats some keys; the loss is on the values of the queries.
+* ``mix``: each sequence is one of the two, at random.
+* ``text``: random windows of local text files; the loss is on every token.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+VOCAB_SIZE = 256
+IGNORE = -100
+TASKS = ("passkey", "mqar", "mix", "text")
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+QUESTION = " What is the pass key? The pass key is "
+
+
+def encode(text: str) -> list[int]:
+    """UTF-8 bytes of ``text`` as token ids."""
+    return list(text.encode("utf-8"))
+
+
+def decode(ids: Sequence[int]) -> str:
+    return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+def _filler(length: int, rng: random.Random) -> str:
+    start = rng.randrange(len(FILLER))
+    reps = (start + length) // len(FILLER) + 1
+    return (FILLER * reps)[start : start + length]
+
+
+def passkey_sample(seq_len: int, depth: float, rng: random.Random, digits: int = 5) -> tuple[list[int], int]:
+    """One passkey sequence of exactly ``seq_len`` tokens; returns ``(ids, answer_len)``.
+
+    The needle starts after a fraction ``depth`` (0 = start, 1 = just before the question) of the
+    filler; the answer (the key's digits) is the last ``answer_len`` tokens.
+    """
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth={depth}: expected a fraction in [0, 1]")
+    key = "".join(rng.choice(string.digits) for _ in range(digits))
+    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
+    hay = seq_len - len(needle) - len(QUESTION) - digits
+    if hay < 0:
+        raise ValueError(f"seq_len={seq_len}: a passkey sequence needs at least {seq_len - hay} tokens")
+    text = _filler(hay, rng)
+    cut = round(depth * hay)
+    ids = encode(text[:cut] + needle + text[cut:] + QUESTION + key)
+    return ids, digits
+
+
+def mqar_sample(seq_len: int, rng: random.Random, num_queries: int = 64, key_len: int = 3,
+                value_len: int = 2) -> tuple[list[int], list[bool]]:
+    """One multi-query associative-recall sequence of exactly ``seq_len`` tokens.
+
+    Layout: ``" abc:17 xyz:42 ... | xyz:42 abc:17"`` (distinct keys of ``key_len`` lowercase
+    letters, values of ``value_len`` digits). Returns ``(ids, supervised)`` where ``supervised``
+    marks the value tokens of the queries.
+    """
+    item = key_len + value_len + 2  # "key:value "
+    queries_len = 2 + num_queries * item
+    pairs = (seq_len - queries_len) // item
+    if pairs < num_queries:
+        raise ValueError(f"seq_len={seq_len}: too short for num_queries={num_queries} mqar queries "
+                         f"(needs {queries_len + num_queries * item} tokens)")
+    keys: set[str] = set()
+    while len(keys) < pairs:
+        keys.add("".join(rng.choice(string.ascii_lowercase) for _ in range(key_len)))
+    table = {k: "".join(rng.choice(string.digits) for _ in range(value_len)) for k in sorted(keys)}
+    order = list(table)
+    rng.shuffle(order)
+    asked = rng.sample(order, num_queries)
+    head = " " * (seq_len - queries_len - pairs * item)
+    text = head + "".join(f"{k}:{table[k]} " for k in order) + "| "
+    supervised = [False] * len(text)
+    for k in asked:
+        text += f"{k}:"
+        supervised += [False] * (key_len + 1) + [True] * value_len + [False]
+        text += f"{table[k]} "
+    return encode(text), supervised
+
+
+class TextFiles:
+    """Random windows of the concatenation of local text files (bytes, separated by a blank line)."""
+
+    def __init__(self, paths: Sequence[str | Path]):
+        if not paths:
+            raise ValueError("paths: expected at least one text file")
+        chunks = []
+        for p in paths:
+            p = Path(p)
+            if not p.is_file():
+                raise FileNotFoundError(f"--data {str(p)!r}: not a file")
+            chunks.append(p.read_bytes())
+        self.tokens = torch.frombuffer(bytearray(b"\n\n".join(chunks)), dtype=torch.uint8).to(torch.int64)
+
+    def window(self, seq_len: int, rng: random.Random) -> list[int]:
+        if len(self.tokens) < seq_len:
+            raise ValueError(f"seq_len={seq_len}: the text files hold only {len(self.tokens)} bytes")
+        start = rng.randrange(len(self.tokens) - seq_len + 1)
+        return self.tokens[start : start + seq_len].tolist()
+
+
+def sample(task: str, seq_len: int, rng: random.Random, text: TextFiles | None = None) -> tuple[list[int], list[int]]:
+    """One sequence ``(ids, labels)`` of ``task`` (see :data:`TASKS`)."""
+    if task == "mix":
+        task = rng.choice(("passkey", "mqar"))
+    if task == "passkey":
+        ids, n = passkey_sample(seq_len, rng.random(), rng)
+        return ids, [IGNORE] * (seq_len - n) + ids[-n:]
+    if task == "mqar":
+        ids, sup = mqar_sample(seq_len, rng, num_queries=min(64, max(1, seq_len // 64)))
+        return ids, [t if s else IGNORE for t, s in zip(ids, sup)]
+    if task == "text":
+        if text is None:
+            raise ValueError("task='text' needs text files (--data PATH ...)")
+        ids = text.window(seq_len, rng)
+        return ids, list(ids)
+    raise ValueError(f"task={task!r}: expected one of {TASKS}")
+
+
+def batches(task: str, batch_size: int, seq_len: int, seed: int = 0,
+            text: TextFiles | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """An endless, seeded stream of ``(input_ids, labels)`` batches, each ``(batch_size, seq_len)`` int64."""
+    rng = random.Random(seed)
+    while True:
+        rows = [sample(task, seq_len, rng, text) for _ in range(batch_size)]
+        yield (torch.tensor([r[0] for r in rows], dtype=torch.int64),
+               torch.tensor([r[1] for r in rows], dtype=torch.int64))
+
+
+__all__ = ["FILLER", "IGNORE", "TASKS", "TextFiles", "VOCAB_SIZE", "batches", "decode", "encode", "mqar_sample",
+           "passkey_sample", "sample"]

@@ -1,0 +1,275 @@
+"""Hugging Face ``transformers`` integration: ``attn_implementation="s2attn"``.
+
+Call :func:`register` once, then build or load any Llama-family model (Llama, Mistral,
+Qwen2, Qwen3) with ``attn_implementation="s2attn"``. The per-layer settings live in the
+model config as a plain dict, so they are saved and loaded with it::
+
+    config.s2attn = {"block_size": 64, "local_blocks": 8, "vert_stride": 16,
+                     "dense_layers": [0], "homogeneous": False, "num_dense_heads": 0}
+
+Keys (all optional, defaults in :data:`DEFAULTS`): ``block_size``, ``local_blocks``,
+``vert_stride``, ``homogeneous``, ``num_dense_heads``, ``head_step``, ``head_offset`` are the
+arguments of :func:`s2attn.local_stride`; ``dense_layers`` lists layers that attend densely
+(through PyTorch SDPA); ``layer_overrides`` maps a layer index (a string, as JSON keys are)
+to a dict of settings that replace the global ones for that layer.
+
+Semantics, per batch row:
+
+* no padding: query ``i`` of ``seqlen_q`` sits at position ``seqlen_k - seqlen_q + i`` (so the
+  default ``DynamicCache`` works for ``generate``);
+* a 2-D padding mask (left padding, or right padding without a cache) is honoured by packing
+  the real tokens and calling :func:`s2attn.sparse_attention_varlen`: each row is attended as
+  if it were alone, positions counted from its first real token (the ``position_ids`` that
+  ``generate`` computes); padded query rows get output 0;
+* packed batches (``position_ids`` that restart, or flash-attention ``cu_seq_lens_q`` /
+  ``cu_seq_lens_k`` from ``DataCollatorWithFlattening``) go through the varlen path too.
+
+Everything else (static caches, sliding windows, attention dropout, soft-capping, masks
+with holes) raises an error that names the argument.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..api import sparse_attention, sparse_attention_varlen
+from ..patterns import BlockPattern, dense, local_stride
+
+NAME = "s2attn"
+DEFAULTS: dict[str, Any] = {
+    "block_size": 64,
+    "local_blocks": 8,
+    "vert_stride": 16,
+    "homogeneous": False,
+    "num_dense_heads": 0,
+    "head_step": None,
+    "head_offset": 0,
+    "dense_layers": [],
+    "layer_overrides": {},
+}
+_PATTERN_KEYS = ("block_size", "local_blocks", "vert_stride", "homogeneous", "num_dense_heads", "head_step",
+                 "head_offset")
+
+
+# ---------------------------------------------------------------------------------------------- settings
+def s2attn_settings(config) -> dict[str, Any]:
+    """The validated ``config.s2attn`` dict merged over :data:`DEFAULTS` (a new dict)."""
+    given = getattr(config, NAME, None) or {}
+    if not isinstance(given, dict):
+        raise TypeError(f"config.{NAME}={given!r}: expected a dict of settings")
+    unknown = sorted(set(given) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"config.{NAME} has unknown keys {unknown}; expected some of {sorted(DEFAULTS)}")
+    settings = {**DEFAULTS, **given}
+    layers = config.num_hidden_layers
+    dense_layers = settings["dense_layers"]
+    if not all(isinstance(i, int) and 0 <= i < layers for i in dense_layers):
+        raise ValueError(f"config.{NAME}['dense_layers']={dense_layers!r}: expected layer indices in [0, {layers})")
+    for key, override in settings["layer_overrides"].items():
+        bad = sorted(set(override) - set(_PATTERN_KEYS))
+        if not str(key).isdigit() or int(key) >= layers or bad:
+            raise ValueError(f"config.{NAME}['layer_overrides'][{key!r}]={override!r}: expected a layer index in "
+                             f"[0, {layers}) mapping to some of {list(_PATTERN_KEYS)}")
+    return settings
+
+
+def layer_pattern(config, layer_idx: int, seq_len: int, causal: bool = True) -> BlockPattern | None:
+    """The pattern of layer ``layer_idx`` valid up to ``seq_len`` tokens, or ``None`` for a dense layer.
+
+    Patterns are closed-form rules (nothing quadratic is allocated) and cached per
+    (layer settings, heads, length bucket), so the kernels' index tables are built once.
+    """
+    settings = s2attn_settings(config)
+    if layer_idx in settings["dense_layers"]:
+        return None
+    layer = {k: settings[k] for k in _PATTERN_KEYS}
+    layer.update(settings["layer_overrides"].get(str(layer_idx), {}))
+    return _cached_pattern(config.num_attention_heads, config.num_key_value_heads, layer_pattern_len(config, seq_len), causal,
+                           tuple(sorted(layer.items())))
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_pattern(heads: int, kv_heads: int, max_len: int, causal: bool, layer: tuple) -> BlockPattern:
+    s = dict(layer)
+    return local_stride(heads, max_len, s["block_size"], s["local_blocks"], s["vert_stride"], num_kv_heads=kv_heads,
+                        homogeneous=s["homogeneous"], num_dense_heads=s["num_dense_heads"], head_step=s["head_step"],
+                        head_offset=s["head_offset"], causal=causal)
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_pattern(max_len: int, block_size: int, causal: bool) -> BlockPattern:
+    return dense(max_len, block_size, causal=causal)
+
+
+# ---------------------------------------------------------------------------------------------- masks
+def padding_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int | torch.Tensor = 0,
+    kv_offset: int = 0,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor | None:
+    """The ``AttentionMaskInterface`` entry for ``"s2attn"``: the 2-D bool padding mask
+    ``(batch, kv_length)``, or ``None`` when no token is padded (the pattern does the rest)."""
+    if kv_offset != 0 or int(q_offset) + q_length != kv_length:
+        raise ValueError(f"past_key_values: s2attn supports caches that hold every past token (the default "
+                         f"DynamicCache); got kv_length={kv_length}, kv_offset={kv_offset} for {int(q_offset)} past "
+                         f"and {q_length} new tokens (a static or sliding-window cache?)")
+    if attention_mask is None:
+        return None
+    attention_mask = attention_mask[:, -kv_length:]
+    if attention_mask.shape[1] != kv_length:
+        raise ValueError(f"attention_mask has {attention_mask.shape[1]} columns, expected kv_length={kv_length}")
+    return None if bool(attention_mask.all()) else attention_mask
+
+
+def _segments_from_padding(mask: torch.Tensor, seqlen_q: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                       torch.Tensor]:
+    """Row indices of the real query / key tokens of a ``(batch, seqlen_k)`` padding mask, and their cu_seqlens."""
+    mask = mask.to(torch.bool)
+    batch, seqlen_k = mask.shape
+    count = mask.sum(1)
+    first = mask.to(torch.int8).argmax(1)
+    last = seqlen_k - 1 - mask.flip(1).to(torch.int8).argmax(1)
+    contiguous = (count == 0) | (last - first + 1 == count)
+    tail = (count == 0) | (last == seqlen_k - 1) | (seqlen_q == seqlen_k)
+    if not bool((contiguous & tail).all()):
+        raise ValueError("attention_mask: each row must be one run of real tokens (left padding, or right padding "
+                         "when queries and keys are the same tokens); use padding_side='left' for generation")
+    q_mask = mask[:, -seqlen_q:]
+    q_idx = q_mask.reshape(-1).nonzero().squeeze(1)
+    k_idx = mask.reshape(-1).nonzero().squeeze(1)
+    cu_q = F.pad(q_mask.sum(1).cumsum(0), (1, 0)).to(torch.int32)
+    cu_k = F.pad(count.cumsum(0), (1, 0)).to(torch.int32)
+    return q_idx, k_idx, cu_q, cu_k
+
+
+def _segments_from_positions(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """cu_seqlens of a packed row (positions restart at each new sequence), or ``None`` if not packed."""
+    pos = position_ids.reshape(-1)
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[1:] = pos[1:] != pos[:-1] + 1
+    if not bool(starts[1:].any()):
+        return None
+    return F.pad(starts.nonzero().squeeze(1), (0, 1), value=pos.numel()).to(torch.int32)
+
+
+# ---------------------------------------------------------------------------------------------- attention
+def _dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, causal: bool) -> torch.Tensor:
+    """Dense attention with end-aligned queries, ``(b, h, sq, d)`` in and out, through PyTorch SDPA."""
+    sq, sk = q.shape[2], k.shape[2]
+    mask = None
+    if causal and 1 < sq < sk:
+        mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and sq == sk > 1, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _refuse_unsupported(module: torch.nn.Module, dropout: float, kwargs: dict) -> None:
+    if dropout:
+        raise ValueError(f"dropout={dropout}: s2attn has no attention dropout; set config.attention_dropout=0")
+    for name in ("sliding_window", "softcap", "s_aux", "position_bias"):
+        if kwargs.get(name) is not None:
+            raise ValueError(f"{name}={kwargs[name]!r}: not supported by attn_implementation='s2attn' "
+                             f"(the sparse pattern replaces sliding windows); set it to None in the config")
+    if getattr(module, "layer_idx", None) is None or getattr(module, "config", None) is None:
+        raise ValueError(f"module {type(module).__name__}: s2attn needs an attention module with .layer_idx and "
+                         f".config (Llama-family models)")
+
+
+def s2attn_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The ``AttentionInterface`` entry for ``"s2attn"``.
+
+    ``query (batch, heads, seqlen_q, d)``, ``key, value (batch, kv_heads, seqlen_k, d)``,
+    ``attention_mask`` the 2-D padding mask from :func:`padding_mask` or ``None``. Returns
+    ``(out (batch, seqlen_q, heads, d), None)``.
+    """
+    _refuse_unsupported(module, dropout, kwargs)
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
+    seqlen_q, seqlen_k = query.shape[2], key.shape[2]
+    pattern = layer_pattern(module.config, module.layer_idx, seqlen_k, causal)
+    varlen = _varlen_plan(query, key, attention_mask, kwargs)
+    if varlen is None:
+        if pattern is None:
+            out = _dense_sdpa(query, key, value, scaling, causal)
+        else:
+            out = sparse_attention(query, key, value, pattern, softmax_scale=scaling, causal=causal, layout="bhsd")
+        return out.transpose(1, 2), None
+
+    q_idx, k_idx, cu_q, cu_k = varlen
+    if pattern is None:
+        block = s2attn_settings(module.config)["block_size"]
+        pattern = _dense_pattern(layer_pattern_len(module.config, seqlen_k), block, causal)
+    q, k, v = (x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3]) for x in (query, key, value))
+    q, k, v = q.index_select(0, q_idx), k.index_select(0, k_idx), v.index_select(0, k_idx)
+    max_q = int((cu_q[1:] - cu_q[:-1]).max()) if cu_q.numel() > 1 else 0
+    max_k = int((cu_k[1:] - cu_k[:-1]).max()) if cu_k.numel() > 1 else 0
+    packed = sparse_attention_varlen(q, k, v, cu_q.to(q.device), cu_k.to(q.device), max_q, max_k, pattern,
+                                     softmax_scale=scaling, causal=causal)
+    out = packed.new_zeros(query.shape[0] * seqlen_q, query.shape[1], query.shape[3])
+    out = out.index_copy(0, q_idx, packed)
+    return out.view(query.shape[0], seqlen_q, query.shape[1], query.shape[3]), None
+
+
+def layer_pattern_len(config, seq_len: int) -> int:
+    """The ``max_seq_len`` patterns are built for: the config's maximum, or the next power of two."""
+    return max(int(getattr(config, "max_position_embeddings", 0) or 0), 1 << max(seq_len - 1, 0).bit_length())
+
+
+def _varlen_plan(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict):
+    """``(q_idx, k_idx, cu_seqlens_q, cu_seqlens_k)`` over the flattened ``(batch * seq)`` rows when
+    the batch is padded or packed, else ``None``."""
+    batch, seqlen_q, seqlen_k = query.shape[0], query.shape[2], key.shape[2]
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    position_ids = kwargs.get("position_ids")
+    if cu_q is None and position_ids is not None and batch == 1 and seqlen_q == seqlen_k > 1:
+        cu_q = _segments_from_positions(position_ids)
+    if cu_q is None:
+        if attention_mask is None:
+            return None
+        if attention_mask.dim() != 2 or attention_mask.shape != (batch, seqlen_k):
+            raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)}: s2attn expects the 2-D padding "
+                             f"mask ({batch}, {seqlen_k}); custom 4-D masks are not supported")
+        return _segments_from_padding(attention_mask, seqlen_q)
+    if attention_mask is not None:
+        raise ValueError("attention_mask: a padding mask together with packed sequences (cu_seq_lens_q or restarting "
+                         "position_ids) is not supported; pack without padding")
+    if seqlen_q != seqlen_k:
+        raise ValueError(f"cu_seq_lens_q: packed sequences need as many queries as keys, got seqlen_q={seqlen_q}, "
+                         f"seqlen_k={seqlen_k} (packing with a KV cache is not supported)")
+    cu_k = cu_q if cu_k is None else cu_k
+    if not torch.equal(cu_q.cpu(), cu_k.cpu()) or int(cu_q[-1]) != batch * seqlen_q:
+        raise ValueError(f"cu_seq_lens_q={cu_q.tolist()}, cu_seq_lens_k={cu_k.tolist()}: expected equal boundaries "
+                         f"ending at batch * seq_len = {batch * seqlen_q}")
+    rows = torch.arange(batch * seqlen_q, device=query.device)
+    return rows, rows, cu_q.to(torch.int32), cu_k.to(torch.int32)
+
+
+# ---------------------------------------------------------------------------------------------- registration
+def register() -> None:
+    """Make ``attn_implementation="s2attn"`` available to every ``transformers`` model (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, s2attn_attention_forward)
+    AttentionMaskInterface.register(NAME, padding_mask)
+
+
+__all__ = ["DEFAULTS", "NAME", "layer_pattern", "padding_mask", "register", "s2attn_attention_forward",
+           "s2attn_settings"]

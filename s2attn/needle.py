@@ -1,0 +1,141 @@
+"""``s2attn needle``: passkey retrieval over a grid of context lengths x needle depths.
+
+A cell's accuracy is the fraction of its samples whose whole key is predicted exactly. The
+check is one teacher-forced forward pass per sample: the key is at the very end of the
+sequence, and every digit being the argmax of the model given the true prefix is exactly
+what greedy generation would produce. Writes ``needle.csv`` (one row per model x cell) and
+``needle_<model>.png`` heatmaps (when matplotlib is installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import random
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from . import data
+from .train import VARIANTS, add_model_args, build_config, build_model, load_checkpoint, parse_ints
+
+
+@torch.no_grad()
+def passkey_accuracy(model, seq_len: int, depth: float, samples: int, *, batch_size: int = 4, seed: int = 0) -> float:
+    """Fraction of ``samples`` passkey sequences of ``seq_len`` tokens whose key the model gets exactly right."""
+    rng = random.Random(f"{seed}/{seq_len}/{depth}")
+    device = next(model.parameters()).device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    correct = 0
+    for start in range(0, samples, batch_size):
+        rows = [data.passkey_sample(seq_len, depth, rng) for _ in range(min(batch_size, samples - start))]
+        ids = torch.tensor([r[0] for r in rows], dtype=torch.int64, device=device)
+        n = rows[0][1]
+        with autocast:
+            logits = model(input_ids=ids, logits_to_keep=n + 1).logits  # predictions for the last n tokens
+        pred = logits[:, :-1].argmax(-1)
+        correct += int((pred == ids[:, -n:]).all(-1).sum())
+    return correct / samples
+
+
+def needle_grid(model, lengths: Sequence[int], depths: Sequence[float], samples: int, *, batch_size: int = 4,
+                seed: int = 0) -> torch.Tensor:
+    """Accuracy ``(len(lengths), len(depths))`` over the grid."""
+    model.eval()
+    return torch.tensor([[passkey_accuracy(model, n, d, samples, batch_size=batch_size, seed=seed) for d in depths]
+                         for n in lengths])
+
+
+def plot_heatmap(acc: torch.Tensor, lengths: Sequence[int], depths: Sequence[float], title: str,
+                 path: Path) -> Path | None:
+    """Heatmap of ``acc`` (lengths on x, depths on y); ``None`` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.0 + 0.5 * len(depths)))
+    im = ax.imshow(acc.T.numpy(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle depth")
+    for i in range(len(lengths)):
+        for j in range(len(depths)):
+            ax.text(i, j, f"{acc[i, j]:.2f}", ha="center", va="center", fontsize=8)
+    ax.set_title(f"{title}: passkey accuracy {acc.mean():.2f}")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``needle`` subcommand to an ``argparse`` subparsers object."""
+    p = subparsers.add_parser("needle", help="passkey retrieval heatmap over context lengths x needle depths",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", nargs="+", metavar="PATH",
+                   help="checkpoint(s) written by `s2attn train`; without it, a freshly built --variant model")
+    p.add_argument("--variant", default="hhst", choices=VARIANTS, help="model to build when no --checkpoint")
+    p.add_argument("--lengths", default="1024,2048,4096,8192", help="comma-separated context lengths")
+    p.add_argument("--depths", type=int, default=5, help="number of needle depths, evenly spaced in [0, 1]")
+    p.add_argument("--samples", type=int, default=10, help="samples per cell")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--out", default="runs/needle")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    add_model_args(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def _models(args: argparse.Namespace, max_len: int):
+    """``(name, model)`` pairs: the checkpoints, or one freshly built model."""
+    if args.checkpoint:
+        for path in args.checkpoint:
+            model, variant = load_checkpoint(path, args.device)
+            yield variant, model
+        return
+    torch.manual_seed(args.seed)
+    yield args.variant, build_model(build_config(args.variant, args, max_len), args.device)
+
+
+def run(args: argparse.Namespace) -> int:
+    lengths = parse_ints(args.lengths, "--lengths")
+    if not lengths or args.depths < 1 or args.samples < 1:
+        raise SystemExit(f"--lengths={args.lengths!r}, --depths={args.depths}, --samples={args.samples}: expected "
+                         f"at least one length, depth and sample")
+    depths = [i / max(1, args.depths - 1) for i in range(args.depths)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, model in _models(args, max(lengths)):
+        acc = needle_grid(model, lengths, depths, args.samples, batch_size=args.batch_size, seed=args.seed)
+        rows += [{"model": name, "length": n, "depth": f"{d:.3f}", "accuracy": f"{acc[i, j]:.4f}",
+                  "samples": args.samples} for i, n in enumerate(lengths) for j, d in enumerate(depths)]
+        png = plot_heatmap(acc, lengths, depths, name, out / f"needle_{name}.png")
+        per_len = ", ".join(f"{n}: {a:.2f}" for n, a in zip(lengths, acc.mean(1).tolist()))
+        print(f"{name}: mean passkey accuracy {acc.mean():.3f} (by length {per_len})" + (f"; {png}" if png else ""))
+    with open(out / "needle.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["model", "length", "depth", "accuracy", "samples"])
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"csv: {out / 'needle.csv'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m s2attn.needle [options]``: the same as ``s2attn needle [options]``."""
+    parser = argparse.ArgumentParser(prog="s2attn")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["needle", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,282 @@
+"""``s2attn train``: train small dense / HHST / homogeneous-HHST models on the same data and compare.
+
+Every variant starts from the same initial weights (same seed, same shapes) and sees the
+same batches, so the loss curves differ only by the attention. Outputs under ``--out``:
+``<variant>/checkpoint.pt``, ``train_log.csv`` (one row per step), ``loss_curves.png``
+(when matplotlib is installed) and ``summary.json`` / ``summary.md``.
+
+Variants: ``dense`` (PyTorch SDPA everywhere), ``hhst`` (``attn_implementation="s2attn"``,
+heterogeneous local-stride layers plus ``--dense-layers``), ``homo`` (the same with every head
+on the same stride offset: the ablation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import data
+from .models import hhst_config, tiny_llama
+
+VARIANTS = ("dense", "hhst", "homo")
+CSV_FIELDS = ("variant", "step", "tokens", "loss", "answer_acc", "lr", "elapsed_s")
+
+
+# ---------------------------------------------------------------------------------------------- models
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Model-shape and pattern arguments shared by ``train`` and ``needle``."""
+    g = p.add_argument_group("model")
+    g.add_argument("--d-model", type=int, default=256)
+    g.add_argument("--layers", type=int, default=4)
+    g.add_argument("--heads", type=int, default=8)
+    g.add_argument("--kv-heads", type=int, default=8)
+    g.add_argument("--dense-layers", default="0", help="comma-separated indices of dense layers in HHST models")
+    g.add_argument("--local", type=int, default=8, help="local window, in blocks")
+    g.add_argument("--stride", type=int, default=8, help="vertical stride, in blocks")
+    g.add_argument("--block-size", type=int, default=64)
+
+
+def parse_ints(text: str, name: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{name}={text!r}: expected comma-separated integers") from None
+
+
+def build_config(variant: str, args: argparse.Namespace, max_seq_len: int):
+    """The ``transformers`` config of one variant, for the shape given in ``args``."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r}: expected one of {VARIANTS}")
+    base = tiny_llama(vocab_size=data.VOCAB_SIZE, d_model=args.d_model, layers=args.layers, heads=args.heads,
+                      kv_heads=args.kv_heads, max_seq_len=max_seq_len)
+    if variant == "dense":
+        return base
+    return hhst_config(base, dense_layers=parse_ints(args.dense_layers, "--dense-layers"), local=args.local,
+                       stride=args.stride, block_size=args.block_size, homogeneous=variant == "homo")
+
+
+def build_model(config, device: str | torch.device):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM(config).to(device)
+
+
+def save_checkpoint(path: Path, model, variant: str, step: int, args: argparse.Namespace) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"variant": variant, "step": step, "config": model.config.to_dict(),
+                "attn_implementation": model.config._attn_implementation, "args": vars(args),
+                "state_dict": model.state_dict()}, path)
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
+    """``(model, variant)`` from a :func:`save_checkpoint` file, in eval mode."""
+    from transformers import LlamaConfig
+
+    from .integrations import transformers as hf
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    config = LlamaConfig.from_dict(ckpt["config"])
+    if ckpt["attn_implementation"] == hf.NAME:
+        hf.register()
+    config._attn_implementation = ckpt["attn_implementation"]
+    model = build_model(config, "cpu")
+    model.load_state_dict(ckpt["state_dict"])
+    return model.to(device).eval(), ckpt["variant"]
+
+
+# ---------------------------------------------------------------------------------------------- training
+def lr_at(step: int, steps: int, lr: float) -> float:
+    """Linear warm-up over 5% of the steps, then cosine decay to 10%."""
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))
+
+
+def answer_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of supervised tokens predicted exactly (argmax, teacher forcing)."""
+    target = labels[:, 1:]
+    keep = target != data.IGNORE
+    hits = (logits[:, :-1].argmax(-1) == target) & keep
+    return float(hits.sum()) / max(1, int(keep.sum()))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_variant(variant: str, args: argparse.Namespace, out: Path, writer, text: data.TextFiles | None) -> dict:
+    """Train one variant; log each step to ``writer``; return its summary row."""
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    config = build_config(variant, args, args.seq_len)
+    model = build_model(config, device).train()
+    params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    stream = data.batches(args.task, args.batch_size, args.seq_len, seed=args.seed, text=text)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    tokens_per_step = args.batch_size * args.seq_len
+    warmup = min(3, args.steps // 5)  # steps excluded from the throughput (allocator, autotuning)
+    losses, accs = [], []
+    progress = _progress(args.steps, variant)
+    t0 = time.perf_counter()
+    for step in range(args.steps):
+        if step == warmup:
+            _sync(device)
+            t_timed = time.perf_counter()
+        ids, labels = (x.to(device, non_blocking=True) for x in next(stream))
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr)
+        with autocast:
+            result = model(input_ids=ids, labels=labels)
+        result.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss = float(result.loss)
+        acc = answer_accuracy(result.logits.detach(), labels)
+        losses.append(loss)
+        accs.append(acc)
+        writer.writerow({"variant": variant, "step": step + 1, "tokens": (step + 1) * tokens_per_step,
+                         "loss": f"{loss:.5f}", "answer_acc": f"{acc:.4f}", "lr": f"{opt.param_groups[0]['lr']:.3g}",
+                         "elapsed_s": f"{time.perf_counter() - t0:.2f}"})
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}")
+    _sync(device)
+    progress.close()
+    timed_steps = args.steps - warmup
+    tokens_per_s = timed_steps * tokens_per_step / (time.perf_counter() - t_timed) if timed_steps else float("nan")
+    save_checkpoint(out / variant / "checkpoint.pt", model, variant, args.steps, args)
+    tail = max(1, args.steps // 10)
+    row = {"variant": variant, "params": params, "steps": args.steps, "tokens": args.steps * tokens_per_step,
+           "final_loss": sum(losses[-tail:]) / tail, "final_answer_acc": sum(accs[-tail:]) / tail,
+           "tokens_per_s": tokens_per_s, "checkpoint": str(out / variant / "checkpoint.pt")}
+    print(f"{variant}: final loss {row['final_loss']:.4f}, answer acc {row['final_answer_acc']:.3f}, "
+          f"{tokens_per_s:,.0f} tokens/s ({params:,} params)", flush=True)
+    return row
+
+
+def _progress(total: int, desc: str):
+    """A tqdm bar, or a silent stand-in when tqdm is not installed."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        class _Silent:
+            def update(self, n): ...
+            def set_postfix(self, **kw): ...
+            def close(self): ...
+        return _Silent()
+    return tqdm(total=total, desc=desc, leave=True, mininterval=1.0)
+
+
+def plot_losses(log_path: Path, png_path: Path) -> Path | None:
+    """Loss (and answer accuracy) against training tokens, one line per variant; ``None`` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    curves: dict[str, dict[str, list[float]]] = {}
+    with open(log_path) as f:
+        for r in csv.DictReader(f):
+            c = curves.setdefault(r["variant"], {"tokens": [], "loss": [], "answer_acc": []})
+            for key in c:
+                c[key].append(float(r[key]))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, c in curves.items():
+        for ax, key in zip(axes, ("loss", "answer_acc")):
+            ax.plot(c["tokens"], _ema(c[key]), label=name)
+    for ax, title in zip(axes, ("training loss (EMA)", "answer-token accuracy (EMA)")):
+        ax.set_xlabel("tokens")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return png_path
+
+
+def _ema(values: list[float], alpha: float = 0.1) -> list[float]:
+    out, acc = [], values[0] if values else 0.0
+    for v in values:
+        acc = alpha * v + (1 - alpha) * acc
+        out.append(acc)
+    return out
+
+
+def summary_markdown(rows: list[dict]) -> str:
+    lines = ["| variant | params | tokens | final loss | answer acc | tokens/s |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['variant']} | {r['params']:,} | {r['tokens']:,} | {r['final_loss']:.4f} | "
+              f"{r['final_answer_acc']:.3f} | {r['tokens_per_s']:,.0f} |" for r in rows]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``train`` subcommand to an ``argparse`` subparsers object."""
+    p = subparsers.add_parser("train", help="train dense / HHST / homogeneous models and compare them",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", default="dense,hhst,homo", help=f"comma-separated, from {','.join(VARIANTS)}")
+    p.add_argument("--task", default="mix", choices=data.TASKS, help="synthetic task (ignored with --data)")
+    p.add_argument("--data", nargs="+", metavar="PATH", help="local text files to train on (task 'text')")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--out", default="runs/train")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    add_model_args(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad or not variants:
+        raise SystemExit(f"--variants={args.variants!r}: expected a comma-separated subset of {VARIANTS}")
+    text = None
+    if args.data:
+        text, args.task = data.TextFiles(args.data), "text"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "train_log.csv"
+    rows = []
+    with open(log_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for variant in variants:
+            rows.append(train_variant(variant, args, out, writer, text))
+            f.flush()
+    png = plot_losses(log_path, out / "loss_curves.png")
+    (out / "summary.json").write_text(json.dumps({"args": vars(args), "results": rows}, indent=2, default=str))
+    table = summary_markdown(rows)
+    (out / "summary.md").write_text(table + "\n")
+    print(table)
+    print(f"log: {log_path}" + (f", plot: {png}" if png else ""))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m s2attn.train [options]``: the same as ``s2attn train [options]``."""
+    parser = argparse.ArgumentParser(prog="s2attn")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

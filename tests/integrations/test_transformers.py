@@ -1,0 +1,195 @@
+"""attn_implementation="s2attn" against transformers' own eager attention under the expanded sparse mask."""
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from transformers import AttentionInterface, DynamicCache, StaticCache  # noqa: E402
+from transformers.models.llama.modeling_llama import eager_attention_forward  # noqa: E402
+
+from s2attn.integrations import transformers as hf  # noqa: E402
+from s2attn.models import hhst_config  # noqa: E402
+
+SETTINGS = {"block_size": 16, "local_blocks": 2, "vert_stride": 4, "dense_layers": [1]}
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+}
+
+
+def eager_check(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' eager attention with the layer's pattern expanded to an additive token mask."""
+    sq, sk = query.shape[2], key.shape[2]
+    pattern = hf.layer_pattern(module.config, module.layer_idx, sk)
+    allowed = torch.ones(1, sq, sk, dtype=torch.bool).tril(sk - sq) if pattern is None else pattern.to_token_mask(sq, sk)
+    additive = torch.zeros(allowed.shape, dtype=query.dtype).masked_fill(~allowed, float("-inf"))[None]
+    return eager_attention_forward(module, query, key, value, additive, scaling=scaling, dropout=dropout)
+
+
+hf.register()
+AttentionInterface.register("s2attn_eager_check", eager_check)
+
+
+def tiny(family="llama", layers=3, settings=SETTINGS, seed=0):
+    config_name, model_name, extra = FAMILIES[family]
+    config = getattr(transformers, config_name)(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1, attention_dropout=0.0,
+        pad_token_id=0, bos_token_id=1, eos_token_id=None, **extra)
+    config.s2attn = copy.deepcopy(settings)
+    config._attn_implementation = "s2attn"
+    torch.manual_seed(seed)
+    return getattr(transformers, model_name)(config).eval()
+
+
+def twin(model, implementation):
+    other = copy.deepcopy(model)
+    other.config._attn_implementation = implementation
+    return other
+
+
+def tokens(batch, length, seed=1):
+    return torch.randint(2, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_training_matches_eager_under_expanded_mask(family):
+    model = tiny(family).train()
+    ref = twin(model, "s2attn_eager_check").train()
+    x = tokens(2, 201)
+    out, out_ref = model(x, labels=x), ref(x, labels=x)
+    torch.testing.assert_close(out.logits, out_ref.logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.loss, out_ref.loss, rtol=1e-5, atol=1e-5)
+    out.loss.backward()
+    out_ref.loss.backward()
+    for (name, p), p_ref in zip(model.named_parameters(), ref.parameters()):
+        err = (p.grad - p_ref.grad).norm() / p_ref.grad.norm()
+        assert err < 1e-4, f"{family} grad {name}: relative error {err:.2e}"
+    # the pattern really is sparse at this length and it changes the result
+    assert hf.layer_pattern(model.config, 0, 201).density(201) < 0.6
+    dense_logits = twin(model, "sdpa")(x).logits
+    assert (dense_logits - out.logits).abs().max() > 1e-2
+
+
+def test_generate_matches_eager_under_expanded_mask():
+    model = tiny()
+    ref = twin(model, "s2attn_eager_check")
+    prompt = tokens(2, 150)
+    kw = dict(max_new_tokens=40, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    out, out_ref = model.generate(prompt, **kw), ref.generate(prompt, **kw)
+    assert torch.equal(out.sequences, out_ref.sequences)
+    torch.testing.assert_close(torch.stack(out.scores), torch.stack(out_ref.scores), rtol=1e-4, atol=1e-4)
+
+
+def test_config_round_trip(tmp_path):
+    model = tiny()
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path, attn_implementation="s2attn").eval()
+    assert loaded.config._attn_implementation == "s2attn"
+    assert hf.s2attn_settings(loaded.config) == hf.s2attn_settings(model.config)
+    x = tokens(1, 99)
+    torch.testing.assert_close(loaded(x).logits, model(x).logits)
+
+
+def real_logits_alone(model, rows):
+    return [model(torch.tensor([r])).logits[0] for r in rows]
+
+
+def test_left_padding_forward_and_generate():
+    model = tiny()
+    rows = [tokens(1, 120, seed=3)[0].tolist(), tokens(1, 77, seed=4)[0].tolist()]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = (torch.arange(width)[None] >= torch.tensor([width - len(r) for r in rows])[:, None]).long()
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    logits = model(ids, attention_mask=mask, position_ids=position_ids).logits
+    for i, alone in enumerate(real_logits_alone(model, rows)):
+        torch.testing.assert_close(logits[i, -len(rows[i]):], alone, rtol=1e-4, atol=1e-4)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
+    for i, r in enumerate(rows):
+        alone = model.generate(torch.tensor([r]), max_new_tokens=20, do_sample=False)
+        assert out[i, width:].tolist() == alone[0, len(r):].tolist()
+
+
+def test_right_padding_forward():
+    model = tiny()
+    rows = [tokens(1, 64, seed=5)[0].tolist(), tokens(1, 101, seed=6)[0].tolist()]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    mask = (torch.arange(width)[None] < torch.tensor([len(r) for r in rows])[:, None]).long()
+    logits = model(ids, attention_mask=mask).logits
+    for i, alone in enumerate(real_logits_alone(model, rows)):
+        torch.testing.assert_close(logits[i, : len(rows[i])], alone, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("how", ["position_ids", "cu_seq_lens"])
+def test_packed_sequences(how):
+    model = tiny()
+    rows = [tokens(1, n, seed=n)[0].tolist() for n in (40, 95, 33)]
+    ids = torch.tensor([sum(rows, [])])
+    position_ids = torch.cat([torch.arange(len(r)) for r in rows])[None]
+    kwargs = {"position_ids": position_ids}
+    if how == "cu_seq_lens":  # boundaries from the collator alone: RoPE is relative, so plain positions do too
+        cu = torch.tensor([0, 40, 135, 168], dtype=torch.int32)
+        kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=95, max_length_k=95)
+    logits = model(ids, **kwargs).logits[0]
+    for r, alone, start in zip(rows, real_logits_alone(model, rows), (0, 40, 135)):
+        torch.testing.assert_close(logits[start : start + len(r)], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_unsupported_inputs_are_refused():
+    model = tiny()
+    x = tokens(1, 40)
+    hole = torch.ones(1, 40, dtype=torch.long)
+    hole[0, 10] = 0
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(x, attention_mask=hole)
+    with pytest.raises(ValueError, match="past_key_values"):
+        model(x, past_key_values=StaticCache(config=model.config, max_cache_len=64), use_cache=True)
+    with pytest.raises(ValueError, match="dropout"):
+        bad = tiny()
+        bad.config.attention_dropout = 0.1
+        for layer in bad.model.layers:
+            layer.self_attn.attention_dropout = 0.1
+        bad.train()(x)
+    with pytest.raises(ValueError, match="sliding_window"):
+        settings = dict(FAMILIES["mistral"][2], sliding_window=16)
+        FAMILIES["mistral_sw"] = ("MistralConfig", "MistralForCausalLM", settings)
+        try:
+            tiny("mistral_sw")(x)
+        finally:
+            del FAMILIES["mistral_sw"]
+    with pytest.raises(ValueError, match="unknown keys"):
+        tiny(settings={"block": 16})(x)
+    with pytest.raises(ValueError, match="dense_layers"):
+        tiny(settings={"dense_layers": [7]})(x)
+
+
+def test_dynamic_cache_prefill_in_chunks_matches_one_pass():
+    model = tiny()
+    x = tokens(1, 130)
+    cache = DynamicCache(config=model.config)
+    first = model(x[:, :70], past_key_values=cache, use_cache=True).logits
+    second = model(x[:, 70:], past_key_values=cache, use_cache=True).logits
+    torch.testing.assert_close(torch.cat([first, second], 1), model(x).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_hhst_config_copies_and_sets_implementation():
+    base = tiny().config
+    base._attn_implementation = "sdpa"
+    cfg = hhst_config(base, dense_layers=[0, 2], local=3, stride=8, block_size=32, homogeneous=True)
+    assert base._attn_implementation == "sdpa" and cfg._attn_implementation == "s2attn"
+    assert cfg.s2attn["dense_layers"] == [0, 2] and cfg.s2attn["homogeneous"] is True
+    assert hf.layer_pattern(cfg, 0, 100) is None
+    rule = hf.layer_pattern(cfg, 1, 100).rule
+    assert (rule.local_blocks, rule.vert_stride, rule.homogeneous) == (3, 8, True)
+    assert hf.layer_pattern(cfg, 1, 100) is hf.layer_pattern(cfg, 1, 120)  # cached per length bucket
+    with pytest.raises(ValueError, match="dense_layers"):
+        hhst_config(base, dense_layers=[3])
+    hf.register()  # idempotent
+    assert AttentionInterface._global_mapping["s2attn"] is hf.s2attn_attention_forward
