@@ -1,0 +1,561 @@
+"""Triton kernels for block-sparse attention: forward, and backward (dQ and dK/dV).
+
+Kernels see plain tensors and integers. The pattern arrives in one of two forms, chosen by
+the ``TABLE`` constexpr:
+
+* ``TABLE=False``: the local-stride rule in closed form (``local``, ``stride``, ``step``,
+  ``offset``, ``heads_per_group``, ``head_base``, ``sparse_groups``, ``homogeneous``), so a
+  million-token sequence needs no index tensor at all;
+* ``TABLE=True``: CSR tables built once per (pattern, length, tile) by ``s2attn.ops``:
+  for each (pattern head, query tile) the key blocks it touches (``rows``), and for each
+  (pattern head, key block) the query tiles that touch it (``cols``), each entry with a
+  bit mask saying which of the tile's query blocks are allowed (Merge-Q).
+
+Positions are absolute: query row ``i`` of a sequence sits at ``seqlen_k - seqlen_q + i``,
+and query tiles are aligned to absolute positions so a tile never straddles a pattern block
+boundary unevenly. Every sequence (batched or varlen) is located through ``cu_seqlens``.
+
+Work is split into *segments* of key blocks (``start``, ``step``, ``count``), each either
+fully allowed (no mask arithmetic) or masked (window edges, diagonal, table entries).
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr):
+    # fp32 inputs use exact fp32 products; the interpreter also needs fp32 for bf16 (no numpy bf16)
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _head_rule(h, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous):
+    """Per-head constants of the local-stride rule: (vertical shift mod stride, is dense)."""
+    g = (h + head_base) // heads_per_group
+    shift = (g * (1 - homogeneous)) * step + offset
+    return shift % stride, g >= sparse_groups
+
+
+@triton.jit
+def _rows_allowed(qb_rows, kb, local, stride, shift, dense, CAUSAL: tl.constexpr):
+    """Block-level rule for a vector of query blocks against one key block."""
+    diff = qb_rows - kb
+    if CAUSAL:
+        near = (diff >= 0) & (diff < local)
+    else:
+        near = (diff < local) & (diff > -local)
+    on_stride = ((kb + shift) % stride) == 0
+    return near | on_stride | dense
+
+
+@triton.jit
+def _first_congruent(lo, stride, shift):
+    """Smallest j >= lo with (j + shift) % stride == 0."""
+    r = (stride - (lo + shift) % stride) % stride
+    return lo + r
+
+
+@triton.jit
+def _row_segments(qb_lo, qb_hi, n_kb, local, stride, shift, dense, CAUSAL: tl.constexpr):
+    """Key blocks read by query blocks [qb_lo, qb_hi] as five segments.
+
+    Returns (a_start, a_count, b_lo, b_hi, c_lo, c_hi, d_lo, d_hi, e_start, e_count):
+    a: unmasked, step ``stride`` (vertical blocks left of the window; all blocks for dense heads)
+    b: masked, step 1 (window edge seen by only some rows of a merged tile)
+    c: unmasked, step 1 (window interior) ; d: masked, step 1 (diagonal / whole bidirectional window)
+    e: masked, step ``stride`` (bidirectional: vertical blocks right of the window)
+    Ranges are inclusive; empty when hi < lo.
+    """
+    if CAUSAL:
+        win_lo = tl.maximum(qb_lo - local + 1, 0)
+        if dense:
+            a_count = qb_lo
+            win_lo = qb_lo
+        else:
+            first = _first_congruent(0, stride, shift)
+            a_count = tl.maximum(win_lo - first + stride - 1, 0) // stride
+        c_lo = tl.minimum(tl.maximum(qb_hi - local + 1, win_lo), qb_lo)
+        b_lo = win_lo
+        b_hi = c_lo - 1
+        c_hi = qb_lo - 1
+        d_lo = qb_lo
+        d_hi = qb_hi
+        e_count = a_count * 0
+    else:
+        if dense:
+            win_lo = qb_lo * 0
+            win_hi = n_kb - 1
+            a_count = qb_lo * 0
+            e_count = qb_lo * 0
+        else:
+            win_lo = tl.maximum(qb_lo - local + 1, 0)
+            win_hi = tl.minimum(qb_hi + local - 1, n_kb - 1)
+            first = _first_congruent(0, stride, shift)
+            a_count = tl.maximum(win_lo - first + stride - 1, 0) // stride
+            e_first = _first_congruent(win_hi + 1, stride, shift)
+            e_count = tl.maximum(n_kb - e_first + stride - 1, 0) // stride
+        b_lo = win_lo
+        b_hi = win_lo - 1
+        c_lo = win_lo
+        c_hi = win_lo - 1
+        d_lo = win_lo
+        d_hi = win_hi
+    a_start = tl.where(dense, 0, _first_congruent(0, stride, shift))
+    e_start = _first_congruent(d_hi + 1, stride, shift)
+    return a_start, a_count, b_lo, b_hi, c_lo, c_hi, d_lo, d_hi, e_start, e_count
+
+
+@triton.jit
+def _seq_bounds(cu_q, cu_k, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
+    """First row and length of sequence ``b`` in q and in k (packed rows when ``VARLEN``)."""
+    if VARLEN:
+        q_start = tl.load(cu_q + b)
+        k_start = tl.load(cu_k + b)
+        len_q = tl.load(cu_q + b + 1) - q_start
+        len_k = tl.load(cu_k + b + 1) - k_start
+    else:
+        q_start = 0
+        k_start = 0
+        len_q = seqlen_q
+        len_k = seqlen_k
+    return q_start, k_start, len_q, len_k
+
+
+# --------------------------------------------------------------------------- forward
+@triton.jit
+def _fwd_segment(
+    acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs,
+    q_pos, qb_rows, offs_n, offs_d, len_k, qk_scale,
+    start, step, count, ent_base, tab_kb, tab_bits, qb_lo,
+    local, stride, shift, dense,
+    BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+    MASKED: tl.constexpr, TABLE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    d_ok = offs_d < HEAD_DIM
+    for i in range(count):
+        if TABLE:
+            kb = tl.load(tab_kb + ent_base + i)
+            bits = tl.load(tab_bits + ent_base + i)
+            row_ok = ((bits >> (qb_rows - qb_lo)) & 1) != 0
+        else:
+            kb = start + i * step
+            if MASKED:
+                row_ok = _rows_allowed(qb_rows, kb, local, stride, shift, dense, CAUSAL)
+        for sub in tl.static_range(BLOCK // BLOCK_N):
+            k_pos = kb * BLOCK + sub * BLOCK_N + offs_n
+            kv_mask = (k_pos < len_k)[:, None] & d_ok[None, :]
+            k = tl.load(k_base + k_pos[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+            s = _dot(q, tl.trans(k), UPCAST) * qk_scale
+            if MASKED:
+                ok = row_ok[:, None] & (k_pos < len_k)[None, :]
+                if CAUSAL:
+                    ok = ok & (k_pos[None, :] <= q_pos[:, None])
+                s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + k_pos[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+            m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, O, LSE, cu_q, cu_k, tab_ptr, tab_kb, tab_bits,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls,
+    seqlen_q, seqlen_k, heads_per_kv, n_tiles, qk_scale,
+    local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous, pattern_heads,
+    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, TABLE: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr,
+):
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, k_start, len_q, len_k = _seq_bounds(cu_q, cu_k, b, seqlen_q, seqlen_k, VARLEN)
+    q_off = len_k - len_q
+    # the longest tiles (last in a causal sequence) launch first
+    tile = (len_k - 1) // BLOCK_M - tl.program_id(0)
+    if tile < q_off // BLOCK_M:
+        return
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_pos = tile * BLOCK_M + offs_m
+    q_row = q_pos - q_off
+    row_ok = (q_row >= 0) & (q_row < len_q)
+    d_ok = offs_d < HEAD_DIM
+    q_ptrs = Q + b * stride_qb + (q_start + q_row)[:, None] * stride_qs + h * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    kvh = h // heads_per_kv
+    k_base = K + b * stride_kb + k_start * stride_ks + kvh * stride_kh
+    v_base = V + b * stride_vb + k_start * stride_vs + kvh * stride_vh
+
+    qb_rows = q_pos // BLOCK
+    qb_lo = (tile * BLOCK_M) // BLOCK
+    qb_hi = tl.minimum(tile * BLOCK_M + BLOCK_M - 1, len_k - 1) // BLOCK
+    n_kb = tl.cdiv(len_k, BLOCK)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    common = (q_pos, qb_rows, offs_n, offs_d, len_k, qk_scale)
+    if TABLE:
+        ph = h % pattern_heads
+        row = ph * n_tiles + tile
+        ent = tl.load(tab_ptr + row)
+        cnt = tl.load(tab_ptr + row + 1) - ent
+        acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, *common,
+                                     0, 1, cnt, ent, tab_kb, tab_bits, qb_lo, 1, 1, 0, False,
+                                     BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, True, True, UPCAST)
+    else:
+        shift, dense = _head_rule(h, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous)
+        a0, an, b_lo, b_hi, c_lo, c_hi, d_lo, d_hi, e0, en = _row_segments(
+            qb_lo, qb_hi, n_kb, local, stride, shift, dense, CAUSAL)
+        rule = (0, tab_kb, tab_bits, qb_lo, local, stride, shift, dense)
+        a_step = tl.where(dense, 1, stride)
+        acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, *common,
+                                     a0, a_step, an, *rule, BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, False, False, UPCAST)
+        acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, *common,
+                                     b_lo, 1, b_hi - b_lo + 1, *rule, BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, True, False,
+                                     UPCAST)
+        acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, *common,
+                                     c_lo, 1, c_hi - c_lo + 1, *rule, BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, False, False,
+                                     UPCAST)
+        acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, *common,
+                                     d_lo, 1, d_hi - d_lo + 1, *rule, BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, True, False,
+                                     UPCAST)
+        if not CAUSAL:
+            acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, *common,
+                                         e0, stride, en, *rule, BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, True, False, UPCAST)
+    nonempty = l_i > 0.0
+    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    o_ptrs = O + b * stride_ob + (q_start + q_row)[:, None] * stride_os + h * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + b * stride_lb + h * stride_lh + (q_start + q_row) * stride_ls, lse, mask=row_ok)
+
+
+# --------------------------------------------------------------------------- backward: dQ
+@triton.jit
+def _dq_segment(
+    dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs,
+    q_pos, qb_rows, offs_n, offs_d, len_k, qk_scale,
+    start, step, count, ent_base, tab_kb, tab_bits, qb_lo,
+    local, stride, shift, dense,
+    BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+    MASKED: tl.constexpr, TABLE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    d_ok = offs_d < HEAD_DIM
+    for i in range(count):
+        if TABLE:
+            kb = tl.load(tab_kb + ent_base + i)
+            bits = tl.load(tab_bits + ent_base + i)
+            row_ok = ((bits >> (qb_rows - qb_lo)) & 1) != 0
+        else:
+            kb = start + i * step
+            if MASKED:
+                row_ok = _rows_allowed(qb_rows, kb, local, stride, shift, dense, CAUSAL)
+        for sub in tl.static_range(BLOCK // BLOCK_N):
+            k_pos = kb * BLOCK + sub * BLOCK_N + offs_n
+            kv_mask = (k_pos < len_k)[:, None] & d_ok[None, :]
+            k = tl.load(k_base + k_pos[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + k_pos[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+            s = _dot(q, tl.trans(k), UPCAST) * qk_scale
+            p = tl.exp2(s - lse2[:, None])
+            if MASKED:
+                ok = row_ok[:, None] & (k_pos < len_k)[None, :]
+                if CAUSAL:
+                    ok = ok & (k_pos[None, :] <= q_pos[:, None])
+                p = tl.where(ok, p, 0.0)
+            dp = _dot(do, tl.trans(v), UPCAST)
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(k.dtype), k, UPCAST)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, DO, DQ, LSE2, DELTA, cu_q, cu_k, tab_ptr, tab_kb, tab_bits,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh, stride_ls,
+    seqlen_q, seqlen_k, heads_per_kv, n_tiles, qk_scale, sm_scale,
+    local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous, pattern_heads,
+    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, TABLE: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr,
+):
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, k_start, len_q, len_k = _seq_bounds(cu_q, cu_k, b, seqlen_q, seqlen_k, VARLEN)
+    q_off = len_k - len_q
+    tile = (len_k - 1) // BLOCK_M - tl.program_id(0)
+    if tile < q_off // BLOCK_M:
+        return
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_pos = tile * BLOCK_M + offs_m
+    q_row = q_pos - q_off
+    row_ok = (q_row >= 0) & (q_row < len_q)
+    d_ok = offs_d < HEAD_DIM
+    io_mask = row_ok[:, None] & d_ok[None, :]
+    rows = q_start + q_row
+    q = tl.load(Q + b * stride_qb + rows[:, None] * stride_qs + h * stride_qh + offs_d[None, :], mask=io_mask,
+                other=0.0)
+    do = tl.load(DO + b * stride_dob + rows[:, None] * stride_dos + h * stride_doh + offs_d[None, :],
+                 mask=io_mask, other=0.0)
+    # rows that do not exist or attend nothing carry lse = +inf, so every p of theirs is 0
+    lse_ptrs = b * stride_lb + h * stride_lh + rows * stride_ls
+    lse2 = tl.load(LSE2 + lse_ptrs, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + lse_ptrs, mask=row_ok, other=0.0)
+    kvh = h // heads_per_kv
+    k_base = K + b * stride_kb + k_start * stride_ks + kvh * stride_kh
+    v_base = V + b * stride_vb + k_start * stride_vs + kvh * stride_vh
+
+    qb_rows = q_pos // BLOCK
+    qb_lo = (tile * BLOCK_M) // BLOCK
+    qb_hi = tl.minimum(tile * BLOCK_M + BLOCK_M - 1, len_k - 1) // BLOCK
+    n_kb = tl.cdiv(len_k, BLOCK)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    common = (q_pos, qb_rows, offs_n, offs_d, len_k, qk_scale)
+    state = (q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs)
+    if TABLE:
+        ph = h % pattern_heads
+        row = ph * n_tiles + tile
+        ent = tl.load(tab_ptr + row)
+        cnt = tl.load(tab_ptr + row + 1) - ent
+        dq = _dq_segment(dq, *state, *common, 0, 1, cnt, ent, tab_kb, tab_bits, qb_lo, 1, 1, 0, False,
+                         BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, True, True, UPCAST)
+    else:
+        shift, dense = _head_rule(h, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous)
+        a0, an, b_lo, b_hi, c_lo, c_hi, d_lo, d_hi, e0, en = _row_segments(
+            qb_lo, qb_hi, n_kb, local, stride, shift, dense, CAUSAL)
+        rule = (0, tab_kb, tab_bits, qb_lo, local, stride, shift, dense)
+        a_step = tl.where(dense, 1, stride)
+        dq = _dq_segment(dq, *state, *common, a0, a_step, an, *rule,
+                         BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, False, False, UPCAST)
+        dq = _dq_segment(dq, *state, *common, b_lo, 1, b_hi - b_lo + 1, *rule,
+                         BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, True, False, UPCAST)
+        dq = _dq_segment(dq, *state, *common, c_lo, 1, c_hi - c_lo + 1, *rule,
+                         BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, False, False, UPCAST)
+        dq = _dq_segment(dq, *state, *common, d_lo, 1, d_hi - d_lo + 1, *rule,
+                         BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, True, False, UPCAST)
+        if not CAUSAL:
+            dq = _dq_segment(dq, *state, *common, e0, stride, en, *rule,
+                             BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, True, False, UPCAST)
+    dq_ptrs = DQ + b * stride_dqb + rows[:, None] * stride_dqs + h * stride_dqh + offs_d[None, :]
+    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=io_mask)
+
+
+# --------------------------------------------------------------------------- backward: dK, dV
+@triton.jit
+def _dkdv_segment(
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos, stride_ls,
+    k_pos, kb, offs_m, offs_d, q_off, len_q, qk_scale,
+    start, count, ent_base, tab_tile, tab_bits,
+    local, stride, shift, dense,
+    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+    MASKED: tl.constexpr, TABLE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    d_ok = offs_d < HEAD_DIM
+    for i in range(count):
+        if TABLE:
+            tile = tl.load(tab_tile + ent_base + i)
+        else:
+            tile = start + i
+        q_pos = tile * BLOCK_M + offs_m
+        q_row = q_pos - q_off
+        row_ok = (q_row >= 0) & (q_row < len_q)
+        io_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_base + q_row[:, None] * stride_qs + offs_d[None, :], mask=io_mask, other=0.0)
+        do = tl.load(do_base + q_row[:, None] * stride_dos + offs_d[None, :], mask=io_mask, other=0.0)
+        lse2 = tl.load(lse_base + q_row * stride_ls, mask=row_ok, other=float("inf"))
+        delta = tl.load(delta_base + q_row * stride_ls, mask=row_ok, other=0.0)
+        # transposed scores: keys along rows, queries along columns
+        st = _dot(k, tl.trans(q), UPCAST) * qk_scale
+        pt = tl.exp2(st - lse2[None, :])
+        if MASKED:
+            qb_rows = q_pos // BLOCK
+            if TABLE:
+                bits = tl.load(tab_bits + ent_base + i)
+                allowed = ((bits >> (qb_rows - (tile * BLOCK_M) // BLOCK)) & 1) != 0
+            else:
+                allowed = _rows_allowed(qb_rows, kb, local, stride, shift, dense, CAUSAL)
+            ok = allowed[None, :]
+            if CAUSAL:
+                ok = ok & (k_pos[:, None] <= q_pos[None, :])
+            pt = tl.where(ok, pt, 0.0)
+        dv += _dot(pt.to(do.dtype), do, UPCAST)
+        dpt = _dot(v, tl.trans(do), UPCAST)
+        dst = pt * (dpt - delta[None, :])
+        dk += _dot(dst.to(q.dtype), q, UPCAST)
+    return dk, dv
+
+
+@triton.jit
+def _col_segments(kb, q_tile_lo, q_tile_hi, local, stride, shift, dense,
+                  BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """Query tiles reading key block ``kb``: (masked_lo, masked_hi, open_lo, open_hi), inclusive,
+    clipped to [q_tile_lo, q_tile_hi]. The open range needs no mask (fully allowed)."""
+    everyone = dense | (((kb + shift) % stride) == 0)
+    if CAUSAL:
+        m_lo = (kb * BLOCK) // BLOCK_M
+        if everyone:
+            m_hi = (kb * BLOCK + BLOCK - 1) // BLOCK_M
+            o_lo = m_hi + 1
+            o_hi = q_tile_hi
+        else:
+            m_hi = ((kb + local) * BLOCK - 1) // BLOCK_M
+            o_lo = q_tile_hi + 1
+            o_hi = q_tile_hi
+    else:
+        if everyone:
+            m_lo = q_tile_lo
+            m_hi = q_tile_lo - 1
+            o_lo = q_tile_lo
+            o_hi = q_tile_hi
+        else:
+            m_lo = ((kb - local + 1) * BLOCK) // BLOCK_M
+            m_hi = ((kb + local) * BLOCK - 1) // BLOCK_M
+            o_lo = q_tile_hi + 1
+            o_hi = q_tile_hi
+    m_lo = tl.maximum(m_lo, q_tile_lo)
+    m_hi = tl.minimum(m_hi, q_tile_hi)
+    o_lo = tl.maximum(o_lo, q_tile_lo)
+    return m_lo, m_hi, o_lo, o_hi
+
+
+@triton.jit
+def _dkdv_head(
+    dk, dv, k, v, h, b, k_pos, kb, split, chunk, with_masked, q_start, q_off, len_q, q_tile_lo, q_tile_hi,
+    Q, DO, LSE2, DELTA, tab_ptr, tab_tile, tab_bits,
+    stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh, stride_ls,
+    n_kblocks, qk_scale,
+    local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous, pattern_heads,
+    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr, TABLE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Accumulate query head ``h``'s contribution to one key tile: its masked query tiles (when
+    ``with_masked``) and the ``split``-th chunk of ``chunk`` tiles of its fully allowed ones."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    state = (Q + b * stride_qb + q_start * stride_qs + h * stride_qh,
+             DO + b * stride_dob + q_start * stride_dos + h * stride_doh,
+             LSE2 + b * stride_lb + h * stride_lh + q_start * stride_ls,
+             DELTA + b * stride_lb + h * stride_lh + q_start * stride_ls,
+             stride_qs, stride_dos, stride_ls, k_pos, kb, offs_m, offs_d, q_off, len_q, qk_scale)
+    work = 0
+    if TABLE:
+        col = (h % pattern_heads) * n_kblocks + kb
+        ent = tl.load(tab_ptr + col)
+        cnt = tl.load(tab_ptr + col + 1) - ent
+        lo = tl.minimum(split * chunk, cnt)
+        n = tl.minimum(cnt - lo, chunk)
+        work += n
+        dk, dv = _dkdv_segment(dk, dv, k, v, *state, 0, n, ent + lo, tab_tile, tab_bits, 1, 1, 0, False,
+                               BLOCK, BLOCK_M, HEAD_DIM, CAUSAL, True, True, UPCAST)
+    else:
+        shift, dense = _head_rule(h, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous)
+        m_lo, m_hi, o_lo, o_hi = _col_segments(kb, q_tile_lo, q_tile_hi, local, stride, shift, dense,
+                                               BLOCK, BLOCK_M, CAUSAL)
+        rule = (tab_tile, tab_bits, local, stride, shift, dense)
+        if with_masked:
+            work += tl.maximum(m_hi - m_lo + 1, 0)
+            dk, dv = _dkdv_segment(dk, dv, k, v, *state, m_lo, m_hi - m_lo + 1, 0, *rule,
+                                   BLOCK, BLOCK_M, HEAD_DIM, CAUSAL, True, False, UPCAST)
+        lo = o_lo + split * chunk
+        n = tl.minimum(o_hi - lo + 1, chunk)
+        work += tl.maximum(n, 0)
+        dk, dv = _dkdv_segment(dk, dv, k, v, *state, lo, n, 0, *rule,
+                               BLOCK, BLOCK_M, HEAD_DIM, CAUSAL, False, False, UPCAST)
+    return dk, dv, work
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, DK, DV, LSE2, DELTA, cu_q, cu_k, tab_ptr, tab_tile, tab_bits,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
+    stride_lb, stride_lh, stride_ls,
+    seqlen_q, seqlen_k, heads_per_kv, n_kblocks, qk_scale, sm_scale, chunk, n_splits,
+    local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous, pattern_heads,
+    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, TABLE: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr,
+    ATOMIC: tl.constexpr, PHASE: tl.constexpr,
+):
+    """dK and dV, balanced in two phases.
+
+    A key block on a vertical stride (or of a dense head) is read by every later query tile,
+    one inside the local window by only a few: one program per key tile would leave the long
+    columns running alone at the end.
+    PHASE 0: program (key tile, kv head [x split, tables only]) does every query head of the
+    group: its masked tiles and the first ``chunk`` fully allowed ones.
+    PHASE 1 (rules only): program (j, query head x split >= 1) takes the j-th long column of that
+    head and its ``split``-th chunk. With more than one chunk, results add atomically into fp32.
+    """
+    b = tl.program_id(2)
+    q_start, k_start, len_q, len_k = _seq_bounds(cu_q, cu_k, b, seqlen_q, seqlen_k, VARLEN)
+    q_off = len_k - len_q
+    q_tile_lo = q_off // BLOCK_M
+    q_tile_hi = (len_k - 1) // BLOCK_M
+    NSUB: tl.constexpr = BLOCK // BLOCK_N
+    if PHASE == 0:
+        pid_n = tl.program_id(0)
+        kvh = tl.program_id(1) // n_splits
+        split = tl.program_id(1) % n_splits
+        first_head = kvh * heads_per_kv
+        n_heads = heads_per_kv
+    else:
+        h = tl.program_id(1) // (n_splits - 1)
+        split = tl.program_id(1) % (n_splits - 1) + 1
+        kvh = h // heads_per_kv
+        first_head = h
+        n_heads = 1
+        shift, dense = _head_rule(h, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous)
+        col = tl.program_id(0) // NSUB
+        kb_col = tl.where(dense, col, _first_congruent(0, stride, shift) + col * stride)
+        pid_n = kb_col * NSUB + tl.program_id(0) % NSUB
+    if pid_n * BLOCK_N >= len_k:
+        return
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k_pos = pid_n * BLOCK_N + offs_n
+    kb = (pid_n * BLOCK_N) // BLOCK
+    d_ok = offs_d < HEAD_DIM
+    kv_mask = (k_pos < len_k)[:, None] & d_ok[None, :]
+    k_rows = k_start + k_pos
+    k = tl.load(K + b * stride_kb + k_rows[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :], mask=kv_mask,
+                other=0.0)
+    v = tl.load(V + b * stride_vb + k_rows[:, None] * stride_vs + kvh * stride_vh + offs_d[None, :], mask=kv_mask,
+                other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    work = 0
+    for i in range(n_heads):
+        dk, dv, w = _dkdv_head(
+            dk, dv, k, v, first_head + i, b, k_pos, kb, split, chunk, PHASE == 0, q_start, q_off, len_q,
+            q_tile_lo, q_tile_hi, Q, DO, LSE2, DELTA, tab_ptr, tab_tile, tab_bits,
+            stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh, stride_ls,
+            n_kblocks, qk_scale,
+            local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous, pattern_heads,
+            BLOCK, BLOCK_M, BLOCK_D, HEAD_DIM, CAUSAL, TABLE, UPCAST)
+        work += w
+    dk_ptrs = DK + b * stride_dkb + k_rows[:, None] * stride_dks + kvh * stride_dkh + offs_d[None, :]
+    dv_ptrs = DV + b * stride_dvb + k_rows[:, None] * stride_dvs + kvh * stride_dvh + offs_d[None, :]
+    if ATOMIC:
+        if work > 0:
+            tl.atomic_add(dk_ptrs, dk * sm_scale, mask=kv_mask)
+            tl.atomic_add(dv_ptrs, dv, mask=kv_mask)
+    else:
+        tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)

@@ -1,0 +1,138 @@
+"""Sparse attention as ``torch.library`` custom ops with autograd, and the kernel/reference dispatch.
+
+The ops take plain tensors and ints (a pattern is lowered to its rule integers or its index
+tables first), so ``torch.compile`` traces through them without graph breaks.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .kernels import launch
+from .patterns import BlockPattern
+from .reference import reference_attention, reference_attention_varlen
+from .tables import block_tables
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def use_kernel(q: torch.Tensor) -> bool:
+    """Triton on CUDA tensors (or anywhere under ``TRITON_INTERPRET=1``), for the kernel dtypes."""
+    return (q.is_cuda or launch.interpreting()) and q.dtype in KERNEL_DTYPES and q.shape[-1] <= MAX_HEAD_DIM
+
+
+def _lower(pattern: BlockPattern, seq_len: int, device: torch.device):
+    """Pattern -> (rule ints, row table, column table, has dense heads), as the kernels take them."""
+    r = pattern.rule
+    if r is None:
+        rows, cols = block_tables(pattern, seq_len, launch.TABLE_BLOCK_M, device)
+        return [1, 1, 0, 0, 1, 0, 0, 0, pattern.pattern_heads], rows, cols, False
+    rule = [r.local_blocks, r.vert_stride, r.head_step, r.head_offset, r.heads_per_group, r.head_base,
+            r.num_kv_heads - r.num_dense_heads, int(r.homogeneous), pattern.pattern_heads]
+    return rule, None, None, r.num_dense_heads > 0
+
+
+def _unpack(t: Optional[tuple]) -> list:
+    return list(t) if t is not None else [None, None, None]
+
+
+def _pack(a, b, c):
+    return None if a is None else (a, b, c)
+
+
+@torch.library.custom_op("s2attn::attention_fwd", mutates_args=())
+def _attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    cu_q: Optional[torch.Tensor], cu_k: Optional[torch.Tensor],
+    rows_ptr: Optional[torch.Tensor], rows_idx: Optional[torch.Tensor], rows_bits: Optional[torch.Tensor],
+    cols_ptr: Optional[torch.Tensor], cols_idx: Optional[torch.Tensor], cols_bits: Optional[torch.Tensor],
+    rule: list[int], block: int, max_q: int, max_k: int, scale: float, causal: bool, has_dense: bool,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward. The column table, ``has_dense`` and ``deterministic`` are only for the backward."""
+    return launch.forward(q, k, v, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k, rule=rule,
+                          rows=_pack(rows_ptr, rows_idx, rows_bits), block=block, scale=scale, causal=causal)
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, cu_q, *args):
+    lse_shape = (q.shape[2], q.shape[1]) if cu_q is not None else (q.shape[0], q.shape[2], q.shape[1])
+    return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("s2attn::attention_bwd", mutates_args=())
+def _attention_bwd(
+    do: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor, cu_q: Optional[torch.Tensor], cu_k: Optional[torch.Tensor],
+    rows_ptr: Optional[torch.Tensor], rows_idx: Optional[torch.Tensor], rows_bits: Optional[torch.Tensor],
+    cols_ptr: Optional[torch.Tensor], cols_idx: Optional[torch.Tensor], cols_bits: Optional[torch.Tensor],
+    rule: list[int], block: int, max_q: int, max_k: int, scale: float, causal: bool, has_dense: bool,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return launch.backward(do, q, k, v, out, lse, dlse, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k, rule=rule,
+                           rows=_pack(rows_ptr, rows_idx, rows_bits), cols=_pack(cols_ptr, cols_idx, cols_bits),
+                           block=block, scale=scale, causal=causal, has_dense=has_dense,
+                           deterministic=deterministic)
+
+
+@_attention_bwd.register_fake
+def _(do, dlse, q, k, v, *args):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+_TENSOR_INPUTS = 11  # q, k, v, cu_q, cu_k and the six table tensors
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:_TENSOR_INPUTS], *output)
+    ctx.meta = inputs[_TENSOR_INPUTS:]
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, cu_q, cu_k, *tables, out, lse = ctx.saved_tensors
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    dq, dk, dv = _attention_bwd(dout, dlse, q, k, v, out, lse, cu_q, cu_k, *tables, *ctx.meta)
+    return (dq, dk, dv) + (None,) * (_TENSOR_INPUTS - 3 + len(ctx.meta))
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _kernel_call(q, k, v, pattern, cu_q, cu_k, max_q, max_k, scale, causal, deterministic):
+    rule, rows, cols, has_dense = _lower(pattern, max_k, q.device)
+    return _attention_fwd(q, k, v, cu_q, cu_k, *_unpack(rows), *_unpack(cols), rule, pattern.block_size,
+                          max_q, max_k, scale, causal, has_dense, deterministic)
+
+
+def attention(q, k, v, pattern: BlockPattern, *, softmax_scale: float, causal: bool, layout: str,
+              return_lse: bool, deterministic: bool = False):
+    """Validated inputs in; kernel or reference out. Same results as ``reference_attention``."""
+    if not use_kernel(q):
+        return reference_attention(q, k, v, pattern, softmax_scale=softmax_scale, causal=causal, layout=layout,
+                                   return_lse=return_lse)
+    if layout == "bhsd":
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    out, lse = _kernel_call(q, k, v, pattern, None, None, q.shape[1], k.shape[1], softmax_scale, causal,
+                            deterministic)
+    if layout == "bhsd":
+        out = out.transpose(1, 2)
+    return (out, lse) if return_lse else out
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+                     pattern: BlockPattern, *, softmax_scale: float, causal: bool, return_lse: bool,
+                     deterministic: bool = False):
+    """Packed sequences; validated inputs in. Same results as ``reference_attention_varlen``."""
+    if not use_kernel(q):
+        return reference_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, pattern, softmax_scale=softmax_scale,
+                                          causal=causal, return_lse=return_lse)
+    q, k, v = (x.unsqueeze(0) if x.stride(-1) == 1 else x.contiguous().unsqueeze(0) for x in (q, k, v))
+    out, lse = _kernel_call(q, k, v, pattern, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                            softmax_scale, causal, deterministic)
+    out = out[0]
+    return (out, lse) if return_lse else out
