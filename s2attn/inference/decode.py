@@ -102,13 +102,15 @@ class DecodePlan:
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write the decoded token's ``k, v (batch_size, num_kv_heads, head_dim)`` of ``layer`` at
         position ``seq_lens - 1`` of each row's slot (after ``begin_step`` counted it)."""
+        _current(self.cache)
         pos = self.cache.seq_lens[self.slots.clamp(min=0).long()] - 1
         self.cache.write(layer, k, v, self.slots, pos)
 
     def run(self, layer: int, q: torch.Tensor, *, return_lse: bool = False):
         """Attention of ``q (batch_size, num_heads, head_dim)`` — the newest token of each row's
-        sequence — over that sequence's cache in ``layer``. Returns ``out (batch_size, num_heads,
+        sequence — over that sequence's cache in ``layer``, between ``begin_step`` and ``end_step``. Returns ``out (batch_size, num_heads,
         head_dim)`` and, with ``return_lse``, ``lse (batch_size, num_heads)`` fp32."""
+        _current(self.cache)  # the newest token's blocks may be freed once its step ends
         shape = (self.batch_size, self.cache.num_heads, self.cache.head_dim)
         if tuple(q.shape) != shape or q.dtype != self.cache.dtype:
             raise ValueError(f"q: expected shape {shape} and dtype {self.cache.dtype}, got {tuple(q.shape)} {q.dtype}")

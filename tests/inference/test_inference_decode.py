@@ -89,6 +89,16 @@ def test_static_plan_splits_and_padding(num_splits):
     assert torch.all(plan.out[2] == 0) and torch.all(plan.lse[2] == float("-inf"))
 
 
+def test_decode_outside_a_step_is_refused():
+    drv = Driver(rule_patterns()[:1], num_layers=1)
+    a = drv.add()
+    drv.step([a], [20])
+    plan = DecodePlan(drv.cache, 1)
+    plan.set_slots([a])
+    with pytest.raises(RuntimeError, match="no step in progress"):
+        plan.run(0, drv.rand(1, H, 16))
+
+
 def test_rule_must_agree_within_a_kv_group():
     pattern = s2attn.local_stride(H, MAX, B, 2, 3)  # one vertical offset per *query* head
     drv = Driver(pattern, num_layers=1)
@@ -110,16 +120,16 @@ def test_cuda_graph_decode():
     plan = DecodePlan(drv.cache, 4, max_context=4096)
     plan.set_slots(slots)
     q, k, v = drv.rand(4, 32, 128), drv.rand(4, 8, 128), drv.rand(4, 8, 128)
-    with drv.cache.step(slots, 1):  # warm up (compiles) outside capture
-        plan.append(0, k, v)
+    graph = torch.cuda.CUDAGraph()
+    with drv.cache.step(slots, 1):
+        plan.append(0, k, v)  # eager first (compiles the kernels), then capture: recording runs nothing
         plan.run(0, q)
+        with torch.cuda.graph(graph):
+            plan.append(0, k, v)
+            plan.run(0, q)
     for i, s in enumerate(slots):
         K, V = drv.keys[s][0]
         drv.keys[s][0] = (torch.cat([K, k[i : i + 1]]), torch.cat([V, v[i : i + 1]]))
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        plan.append(0, k, v)
-        plan.run(0, q)
     for _ in range(70):  # crosses block boundaries
         q.copy_(drv.rand(4, 32, 128)), k.copy_(drv.rand(4, 8, 128)), v.copy_(drv.rand(4, 8, 128))
         with drv.cache.step(slots, 1):
