@@ -22,6 +22,7 @@ backward pass returns dK/dV to their owners through the differentiable ``all_to_
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Sequence
 
 import torch
@@ -194,13 +195,21 @@ def needed_key_blocks(pattern: BlockPattern, heads: torch.Tensor, q_first: int, 
 
 @dataclass
 class _Chunk:
-    """One query chunk of a rank: its local rows, where each kv head's packed keys come from, and the
-    block pattern over the packed keys."""
+    """One query chunk ``[a, e)`` of a rank: its local rows, where each kv head's packed keys come
+    from, and (built on first use) the block pattern over the packed keys."""
 
     rows: slice
     index: torch.Tensor  # (kv_heads, K) rows of the receive buffer; the last row is zeros (padding)
-    pattern: BlockPattern
+    col_blocks: torch.Tensor  # (kv_heads, K / block_size) absolute block of each packed key block, -1: padding
+    a: int
+    e: int
+    heads: int
+    source: BlockPattern
     on_device: dict = field(default_factory=dict)
+
+    @cached_property
+    def pattern(self) -> BlockPattern:
+        return _packed_pattern(self.source, self.col_blocks, self.a, self.e, self.heads)
 
 
 @dataclass
@@ -242,12 +251,17 @@ def _check_chunking(pattern: BlockPattern, seq_len: int, world: int, causal: boo
 
 
 def _all_needs(pattern: BlockPattern, seq_len: int, world: int, heads: int, kv_heads: int, causal: bool):
-    """For every rank, chunk and kv head: the absolute blocks and token positions of its packed keys.
-    The same on every rank (that is why no sizes are exchanged); memoised on the pattern."""
+    """What every rank reads, the same on every rank (that is why no sizes are exchanged); memoised.
+
+    Returns ``(packed, reads)``: ``packed[r][c][g] = (blocks, tokens)`` of rank ``r``'s query chunk
+    ``c`` and kv head ``g`` (see :func:`_packed_blocks`); ``reads[r][g] = (pos, owner, local)``: every
+    token position rank ``r`` reads through kv head ``g`` (both chunks, ascending), the rank holding
+    it and its row there.
+    """
 
     def build():
         per_group = heads // kv_heads
-        needs = []
+        packed, reads = [], []
         for r in range(world):
             per_chunk = []
             for a, e in zigzag_ranges(seq_len, r, world):
@@ -257,8 +271,16 @@ def _all_needs(pattern: BlockPattern, seq_len: int, world: int, heads: int, kv_h
                                             seq_len, causal)
                     per_head.append((blocks, _block_tokens(blocks, e, seq_len, pattern.block_size)))
                 per_chunk.append(per_head)
-            needs.append(per_chunk)
-        return needs
+            packed.append(per_chunk)
+            per_head = []
+            for g in range(kv_heads):
+                read = torch.zeros(seq_len, dtype=torch.bool)
+                for c in range(2):
+                    read[per_chunk[c][g][1]] = True
+                pos = read.nonzero().squeeze(1)
+                per_head.append((pos, *_owner(pos, seq_len, world)))
+            reads.append(per_head)
+        return packed, reads
 
     return pattern.cached(("context_parallel_needs", seq_len, world, heads, kv_heads, causal), build)
 
@@ -273,30 +295,19 @@ def _owner(pos: torch.Tensor, seq_len: int, world: int) -> tuple[torch.Tensor, t
     return owner, local
 
 
-def _rank_needs(needs, r: int, kv_heads: int) -> list[torch.Tensor]:
-    """Per kv head: every token position rank ``r`` reads (both chunks), ascending."""
-    return [torch.unique(torch.cat([needs[r][c][g][1] for c in range(2)])) for g in range(kv_heads)]
-
-
 def _build_plan(pattern: BlockPattern, seq_len: int, world: int, rank: int, heads: int, kv_heads: int,
                 causal: bool) -> _Plan:
-    needs = _all_needs(pattern, seq_len, world, heads, kv_heads, causal)
-    # sends: for each destination, for each kv head, the positions it reads that this rank holds
+    packed, reads = _all_needs(pattern, seq_len, world, heads, kv_heads, causal)
+    # sends: for each destination, for each kv head, the rows it reads that this rank holds
     send_index, send_splits = [], []
     for p in range(world):
-        count = 0
-        for g, pos in enumerate(_rank_needs(needs, p, kv_heads)):
-            owner, local = _owner(pos, seq_len, world)
-            rows = local[owner == rank] * kv_heads + g
-            send_index.append(rows)
-            count += len(rows)
-        send_splits.append(count)
+        rows = [local[owner == rank] * kv_heads + g for g, (_, owner, local) in enumerate(reads[p])]
+        send_index += rows
+        send_splits.append(sum(len(x) for x in rows))
     # receives: the same enumeration seen from this rank; key each row by (kv head, position)
-    mine = _rank_needs(needs, rank, kv_heads)
-    owners = [_owner(pos, seq_len, world)[0] for pos in mine]
     recv_keys, recv_splits = [], []
     for p in range(world):
-        part = [g * seq_len + pos[owners[g] == p] for g, pos in enumerate(mine)]
+        part = [g * seq_len + pos[owner == p] for g, (pos, owner, _) in enumerate(reads[rank])]
         recv_keys += part
         recv_splits.append(sum(len(x) for x in part))
     recv_keys = torch.cat(recv_keys)
@@ -305,7 +316,7 @@ def _build_plan(pattern: BlockPattern, seq_len: int, world: int, rank: int, head
     pad_row = len(recv_keys)
     chunks = []
     for c, (a, e) in enumerate(zigzag_ranges(seq_len, rank, world)):
-        per_head = needs[rank][c]
+        per_head = packed[rank][c]
         width = max(len(tok) for _, tok in per_head)
         index = torch.full((kv_heads, width), pad_row, dtype=torch.long)
         col_blocks = torch.full((kv_heads, -(-width // pattern.block_size)), -1, dtype=torch.long)
@@ -313,12 +324,11 @@ def _build_plan(pattern: BlockPattern, seq_len: int, world: int, rank: int, head
             index[g, width - len(tok):] = order[torch.searchsorted(sorted_keys, g * seq_len + tok)]
             col_blocks[g, col_blocks.shape[1] - len(blocks):] = blocks
         local = slice(c * (e - a), (c + 1) * (e - a))
-        chunks.append(_Chunk(local, index, _packed_pattern(pattern, col_blocks, a, e, heads, kv_heads)))
+        chunks.append(_Chunk(local, index, col_blocks, a, e, heads, pattern))
     return _Plan(torch.cat(send_index), send_splits, recv_splits, chunks)
 
 
-def _packed_pattern(pattern: BlockPattern, col_blocks: torch.Tensor, a: int, e: int, heads: int,
-                    kv_heads: int) -> BlockPattern:
+def _packed_pattern(pattern: BlockPattern, col_blocks: torch.Tensor, a: int, e: int, heads: int) -> BlockPattern:
     """A mask pattern over the packed keys of one query chunk: packed key block ``j'`` of kv head
     ``g`` is absolute block ``col_blocks[g, j']`` (-1: padding); the chunk's query blocks are the
     last ones. Rows of packed blocks that hold no query are empty."""
@@ -328,7 +338,7 @@ def _packed_pattern(pattern: BlockPattern, col_blocks: torch.Tensor, a: int, e: 
     m = len(q_blocks)
     mask = torch.zeros(heads, n, n, dtype=torch.bool)
     for h in range(heads):
-        cols = col_blocks[h // (heads // kv_heads)]
+        cols = col_blocks[h // (heads // len(col_blocks))]
         rows = pattern.allows(torch.tensor(h), q_blocks[:, None], cols.clamp(min=0)[None, :])
         mask[h, n - m:] = rows & (cols >= 0)
     return from_mask(mask, B, causal=pattern.causal, max_seq_len=n * B)

@@ -18,6 +18,7 @@ Requires ``megatron-core`` (``pip install s2attn[megatron]``).
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -59,12 +60,24 @@ class S2AttnSettings:
 
     def pattern(self, num_heads: int, num_kv_heads: int, layer_number: int, causal: bool = True) -> BlockPattern:
         """The full (all heads) pattern of layer ``layer_number``."""
-        if layer_number in self.dense_layers:
+        return self.layer_pattern(num_heads, num_kv_heads, layer_number in self.dense_layers, causal)
+
+    def layer_pattern(self, num_heads: int, num_kv_heads: int, dense_layer: bool, causal: bool = True) -> BlockPattern:
+        """The full pattern of a dense or a sparse layer."""
+        if dense_layer:
             return dense(self.max_seq_len, self.block_size, causal=causal)
         return local_stride(num_heads, self.max_seq_len, self.block_size, self.local_blocks, self.vert_stride,
                             num_kv_heads=self.num_kv_heads or num_kv_heads, homogeneous=self.homogeneous,
                             num_dense_heads=self.num_dense_heads, head_step=self.head_step,
                             head_offset=self.head_offset, causal=causal)
+
+
+@functools.lru_cache(maxsize=None)
+def _rank_pattern(settings: S2AttnSettings, heads: int, kv_heads: int, dense_layer: bool, causal: bool,
+                  tp_rank: int, tp: int) -> BlockPattern:
+    """One pattern object per distinct layer kind, so layers share its cached index tables and
+    context-parallel plans instead of building them once per layer."""
+    return shard_heads(settings.layer_pattern(heads, kv_heads, dense_layer, causal), tp_rank, tp)
 
 
 def _group_rank_size(group) -> tuple[int, int]:
@@ -122,8 +135,9 @@ class S2CoreAttention(MegatronModule):
         self.causal = attn_mask_type == AttnMaskType.causal
         self.layer_number = layer_number
         heads = config.num_attention_heads
-        full = settings.pattern(heads, config.num_query_groups or heads, layer_number, self.causal)
-        self.pattern = shard_heads(full, tp_rank, tp)
+        dense_layer = layer_number in settings.dense_layers
+        self.pattern = _rank_pattern(settings, heads, config.num_query_groups or heads, dense_layer, self.causal,
+                                     tp_rank, tp)
         self.softmax_scale = config.kv_channels ** -0.5 if softmax_scale is None else softmax_scale
 
     def forward(

@@ -26,10 +26,12 @@ def _entry(rank: int, world: int, init_file: str, fn, args) -> None:
 def run_workers(fn, world: int, *args, timeout: float = 60.0) -> None:
     """Run ``fn(rank, world, *args)`` in ``world`` gloo processes; re-raise the first failure.
 
-    Forked rather than spawned: a spawned process spends seconds importing torch again."""
+    Forked, because a spawned process spends seconds importing torch again, unless this process
+    has initialised CUDA, which a forked child could not use."""
+    method = "spawn" if torch.cuda.is_initialized() else "fork"
     with tempfile.TemporaryDirectory() as tmp:
         ctx = mp.start_processes(_entry, args=(world, os.path.join(tmp, "rendezvous"), fn, args), nprocs=world,
-                                 join=False, start_method="fork")
+                                 join=False, start_method=method)
         deadline = time.monotonic() + timeout
         while not ctx.join(timeout=1.0):
             if time.monotonic() > deadline:
