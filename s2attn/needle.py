@@ -4,7 +4,7 @@ A cell's accuracy is the fraction of its samples whose whole key is predicted ex
 check is one teacher-forced forward pass per sample: the key is at the very end of the
 sequence, and every digit being the argmax of the model given the true prefix is exactly
 what greedy generation would produce. Writes ``needle.csv`` (one row per model x cell) and
-``needle_<model>.png`` heatmaps (when matplotlib is installed).
+``needle.png`` (one heatmap per model, side by side, when matplotlib is installed).
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ def needle_grid(model, lengths: Sequence[int], depths: Sequence[float], samples:
                          for n in lengths])
 
 
-def plot_heatmap(acc: torch.Tensor, lengths: Sequence[int], depths: Sequence[float], title: str,
-                 path: Path) -> Path | None:
-    """Heatmap of ``acc`` (lengths on x, depths on y); ``None`` without matplotlib."""
+def plot_heatmaps(grids: dict[str, torch.Tensor], lengths: Sequence[int], depths: Sequence[float],
+                  path: Path) -> Path | None:
+    """One heatmap per model, side by side (lengths on x, depths on y); ``None`` without matplotlib."""
     try:
         import matplotlib
 
@@ -58,19 +58,20 @@ def plot_heatmap(acc: torch.Tensor, lengths: Sequence[int], depths: Sequence[flo
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.0 + 0.5 * len(depths)))
-    im = ax.imshow(acc.T.numpy(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-    ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("needle depth")
-    for i in range(len(lengths)):
-        for j in range(len(depths)):
-            ax.text(i, j, f"{acc[i, j]:.2f}", ha="center", va="center", fontsize=8)
-    ax.set_title(f"{title}: passkey accuracy {acc.mean():.2f}")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    width = max(3.5, 1.5 + 0.9 * len(lengths))
+    fig, axes = plt.subplots(1, len(grids), figsize=(width * len(grids), 1.2 + 0.5 * len(depths)), squeeze=False)
+    for ax, (name, acc) in zip(axes[0], grids.items()):
+        im = ax.imshow(acc.T.numpy(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        ax.set_xlabel("context length (tokens)")
+        for i in range(len(lengths)):
+            for j in range(len(depths)):
+                ax.text(i, j, f"{acc[i, j]:.2f}", ha="center", va="center", fontsize=8)
+        ax.set_title(f"{name}\npasskey accuracy {acc.mean():.2f}")
+    axes[0, 0].set_ylabel("needle depth")
+    fig.colorbar(im, ax=axes[0].tolist())
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -113,19 +114,21 @@ def run(args: argparse.Namespace) -> int:
     depths = [i / max(1, args.depths - 1) for i in range(args.depths)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, grids = [], {}
     for name, model in _models(args, max(lengths)):
-        acc = needle_grid(model, lengths, depths, args.samples, batch_size=args.batch_size, seed=args.seed)
+        acc = grids[name] = needle_grid(model, lengths, depths, args.samples, batch_size=args.batch_size,
+                                        seed=args.seed)
         rows += [{"model": name, "length": n, "depth": f"{d:.3f}", "accuracy": f"{acc[i, j]:.4f}",
                   "samples": args.samples} for i, n in enumerate(lengths) for j, d in enumerate(depths)]
-        png = plot_heatmap(acc, lengths, depths, name, out / f"needle_{name}.png")
         per_len = ", ".join(f"{n}: {a:.2f}" for n, a in zip(lengths, acc.mean(1).tolist()))
-        print(f"{name}: mean passkey accuracy {acc.mean():.3f} (by length {per_len})" + (f"; {png}" if png else ""))
+        print(f"{name}: mean passkey accuracy {acc.mean():.3f} (by length {per_len})", flush=True)
+        del model
+    png = plot_heatmaps(grids, lengths, depths, out / "needle.png")
     with open(out / "needle.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["model", "length", "depth", "accuracy", "samples"])
         writer.writeheader()
         writer.writerows(rows)
-    print(f"csv: {out / 'needle.csv'}")
+    print(f"csv: {out / 'needle.csv'}" + (f", heatmaps: {png}" if png else ""))
     return 0
 
 

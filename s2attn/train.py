@@ -71,8 +71,13 @@ def build_model(config, device: str | torch.device):
 def save_checkpoint(path: Path, model, variant: str, step: int, args: argparse.Namespace) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"variant": variant, "step": step, "config": model.config.to_dict(),
-                "attn_implementation": model.config._attn_implementation, "args": vars(args),
+                "attn_implementation": model.config._attn_implementation, "args": plain_args(args),
                 "state_dict": model.state_dict()}, path)
+
+
+def plain_args(args: argparse.Namespace) -> dict:
+    """The command-line values of ``args`` (without the subcommand's function), for JSON and checkpoints."""
+    return {k: v for k, v in vars(args).items() if k not in ("func", "command")}
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
@@ -142,7 +147,7 @@ def train_variant(variant: str, args: argparse.Namespace, out: Path, writer, tex
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss = float(result.loss)
+        loss = float(result.loss.detach())
         acc = answer_accuracy(result.logits.detach(), labels)
         losses.append(loss)
         accs.append(acc)
@@ -262,7 +267,7 @@ def run(args: argparse.Namespace) -> int:
             rows.append(train_variant(variant, args, out, writer, text))
             f.flush()
     png = plot_losses(log_path, out / "loss_curves.png")
-    (out / "summary.json").write_text(json.dumps({"args": vars(args), "results": rows}, indent=2, default=str))
+    (out / "summary.json").write_text(json.dumps({"args": plain_args(args), "results": rows}, indent=2))
     table = summary_markdown(rows)
     (out / "summary.md").write_text(table + "\n")
     print(table)

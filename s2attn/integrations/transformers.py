@@ -35,6 +35,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.masking_utils import AttentionMaskInterface
 
 from ..api import sparse_attention, sparse_attention_varlen
 from ..patterns import BlockPattern, dense, local_stride
@@ -129,19 +132,27 @@ def padding_mask(
     return None if bool(attention_mask.all()) else attention_mask
 
 
-def _segments_from_padding(mask: torch.Tensor, seqlen_q: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                       torch.Tensor]:
-    """Row indices of the real query / key tokens of a ``(batch, seqlen_k)`` padding mask, and their cu_seqlens."""
+def _check_padding(mask: torch.Tensor, right_padding_ok: bool) -> torch.Tensor:
+    """Check that each row of a ``(batch, seqlen_k)`` padding mask is one run of real tokens that ends
+    at the last key (left padding) or, if ``right_padding_ok``, anywhere; returns the bool mask."""
     mask = mask.to(torch.bool)
-    batch, seqlen_k = mask.shape
+    seqlen_k = mask.shape[1]
     count = mask.sum(1)
     first = mask.to(torch.int8).argmax(1)
     last = seqlen_k - 1 - mask.flip(1).to(torch.int8).argmax(1)
     contiguous = (count == 0) | (last - first + 1 == count)
-    tail = (count == 0) | (last == seqlen_k - 1) | (seqlen_q == seqlen_k)
+    tail = (count == 0) | (last == seqlen_k - 1) | right_padding_ok
     if not bool((contiguous & tail).all()):
         raise ValueError("attention_mask: each row must be one run of real tokens (left padding, or right padding "
                          "when queries and keys are the same tokens); use padding_side='left' for generation")
+    return mask
+
+
+def _segments_from_padding(mask: torch.Tensor, seqlen_q: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                       torch.Tensor]:
+    """Row indices of the real query / key tokens of a ``(batch, seqlen_k)`` padding mask, and their cu_seqlens."""
+    mask = _check_padding(mask, right_padding_ok=seqlen_q == mask.shape[1])
+    count = mask.sum(1)
     q_mask = mask[:, -seqlen_q:]
     q_idx = q_mask.reshape(-1).nonzero().squeeze(1)
     k_idx = mask.reshape(-1).nonzero().squeeze(1)
@@ -200,6 +211,9 @@ def s2attn_attention_forward(
     ``(out (batch, seqlen_q, heads, d), None)``.
     """
     _refuse_unsupported(module, dropout, kwargs)
+    owner = getattr(key, _CACHE_TAG, None)
+    if owner is not None:
+        return owner.attend(module.layer_idx, query, key, value, attention_mask, scaling), None
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
     seqlen_q, seqlen_k = query.shape[2], key.shape[2]
@@ -261,15 +275,156 @@ def _varlen_plan(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.T
     return rows, rows, cu_q.to(torch.int32), cu_k.to(torch.int32)
 
 
+# ---------------------------------------------------------------------------------------------- sparse cache
+_CACHE_TAG = "_s2attn_cache"  # attribute S2Cache puts on the keys it hands to the attention function
+
+
+class _S2Layer(CacheLayerMixin):
+    """One layer's view of an :class:`S2Cache`: it counts tokens; the paged cache holds them."""
+
+    supports_early_init = False
+
+    def __init__(self, owner: "S2Cache"):
+        super().__init__()
+        self.owner, self.seen = owner, 0
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        # The new keys go back to the attention function tagged with their cache: it writes them to the
+        # pages and attends there (only it sees the padding mask that says which tokens are real).
+        self.seen += key_states.shape[2]
+        setattr(key_states, _CACHE_TAG, self.owner)
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return self.owner.max_seq_len
+
+    def reset(self) -> None:
+        self.seen = 0
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        raise NotImplementedError("S2Cache does not support beam search (reorder_cache); use greedy or sampling")
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("S2Cache cannot crop: evicted blocks are gone (no assisted decoding)")
+
+
+class S2Cache(Cache):
+    """A ``transformers`` Cache backed by :class:`s2attn.inference.SparseKVCache`.
+
+    Each kv head keeps only the key blocks its pattern will still read, so decode memory in a
+    sparse layer is about ``local + context / stride`` tokens per head. Use it with
+    ``attn_implementation="s2attn"``::
+
+        cache = S2Cache.for_model(model, max_batch_size=len(prompts), max_seq_len=4096)
+        model.generate(input_ids, attention_mask=mask, past_key_values=cache, max_new_tokens=...)
+
+    Prefill goes through :func:`s2attn.inference.prefill` (left padding honoured), one-token steps
+    through the paged decode kernel. ``num_pages`` (per layer, or one number) defaults to what
+    ``max_batch_size`` sequences of ``max_seq_len`` tokens can need. Beam search and assisted
+    decoding are refused. The paged cache itself is ``self.kv``.
+    """
+
+    def __init__(self, config, *, max_batch_size: int, max_seq_len: int | None = None,
+                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
+                 num_pages: int | list[int] | None = None):
+        from ..inference import SparseKVCache, kv_blocks_kept
+
+        if config._attn_implementation != NAME:
+            raise ValueError(f"config._attn_implementation={config._attn_implementation!r}: S2Cache needs a model "
+                             f"built with attn_implementation={NAME!r}")
+        layers = config.num_hidden_layers
+        self.max_seq_len = int(max_seq_len or config.max_position_embeddings)
+        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        block = s2attn_settings(config)["block_size"]
+        patterns = [layer_pattern(config, i, self.max_seq_len) or
+                    _dense_pattern(layer_pattern_len(config, self.max_seq_len), block, True) for i in range(layers)]
+        if num_pages is None:  # blocks a sequence keeps at the longest length, plus the one being filled, per kv head
+            num_pages = [max_batch_size * int(kv_blocks_kept(p, heads, kv_heads, self.max_seq_len).sum() + kv_heads)
+                         for p in patterns]
+        self.kv = SparseKVCache(patterns, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+                                num_pages=num_pages, max_seqs=max_batch_size, dtype=dtype, device=device)
+        self.slots: list[int] = []
+        self._plans: dict = {}
+        self._padded = False
+        super().__init__(layers=[_S2Layer(self) for _ in range(layers)])
+
+    @classmethod
+    def for_model(cls, model, *, max_batch_size: int, max_seq_len: int | None = None,
+                  num_pages: int | list[int] | None = None) -> "S2Cache":
+        """A cache for ``model``'s config, parameter dtype and device."""
+        p = next(model.parameters())
+        return cls(model.config, max_batch_size=max_batch_size, max_seq_len=max_seq_len, dtype=p.dtype,
+                   device=p.device, num_pages=num_pages)
+
+    def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, scaling: float | None) -> torch.Tensor:
+        """Write the new keys/values of ``layer`` and attend over the cache: ``query (b, h, s, d)``,
+        ``key, value (b, hk, s, d)`` (the step's new tokens only). Returns ``(b, s, h, d)``."""
+        from ..inference import append, decode, prefill, prefill_padded
+
+        batch, heads, seqlen_q, d = query.shape
+        if layer == 0:
+            self._begin_step(batch, seqlen_q, attention_mask)
+        q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+        if seqlen_q == 1:
+            append(self.kv, layer, k[:, 0].contiguous(), v[:, 0].contiguous())
+            return decode(self.kv, layer, q[:, 0].contiguous(), plan=self._plan(batch, scaling))[:, None].clone()
+        if self._padded:
+            return prefill_padded(self.kv, layer, q, k, v, padding_side="left", softmax_scale=scaling)
+        out = prefill(self.kv, layer, q.reshape(-1, heads, d), k.reshape(-1, k.shape[2], d),
+                      v.reshape(-1, v.shape[2], d), softmax_scale=scaling)
+        return out.view(batch, seqlen_q, heads, d)
+
+    def _begin_step(self, batch: int, seqlen_q: int, attention_mask: torch.Tensor | None) -> None:
+        if self.kv.current_step is not None:
+            self.kv.end_step()  # the previous forward is over: free what no later query reads
+        if not self.slots:
+            self.slots = [self.kv.add_sequence() for _ in range(batch)]
+        if len(self.slots) != batch:
+            raise ValueError(f"input of {batch} rows: this S2Cache holds {len(self.slots)} sequences")
+        new = [seqlen_q] * batch
+        if attention_mask is not None:
+            new = _check_padding(attention_mask, right_padding_ok=False)[:, -seqlen_q:].sum(1).tolist()
+            if min(new) == 0:
+                raise ValueError("attention_mask: a row has no real token in this step")
+        self._padded = any(n != seqlen_q for n in new)
+        self.kv.begin_step(self.slots, new)
+
+    def _plan(self, batch: int, scaling: float | None):
+        from ..inference import DecodePlan
+
+        if (batch, scaling) not in self._plans:
+            plan = self._plans[batch, scaling] = DecodePlan(self.kv, batch, softmax_scale=scaling)
+            plan.set_slots(self.slots)
+        return self._plans[batch, scaling]
+
+    def reset(self) -> None:
+        """Forget every sequence (the pages go back to the pools)."""
+        if self.kv.current_step is not None:
+            self.kv.end_step()
+        for slot in self.slots:
+            self.kv.remove_sequence(slot)
+        self.slots, self._plans = [], {}
+        super().reset()
+
+
 # ---------------------------------------------------------------------------------------------- registration
 def register() -> None:
     """Make ``attn_implementation="s2attn"`` available to every ``transformers`` model (idempotent)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
     AttentionInterface.register(NAME, s2attn_attention_forward)
     AttentionMaskInterface.register(NAME, padding_mask)
 
 
-__all__ = ["DEFAULTS", "NAME", "layer_pattern", "padding_mask", "register", "s2attn_attention_forward",
+__all__ = ["DEFAULTS", "NAME", "S2Cache", "layer_pattern", "padding_mask", "register", "s2attn_attention_forward",
            "s2attn_settings"]

@@ -193,3 +193,30 @@ def test_hhst_config_copies_and_sets_implementation():
         hhst_config(base, dense_layers=[3])
     hf.register()  # idempotent
     assert AttentionInterface._global_mapping["s2attn"] is hf.s2attn_attention_forward
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_generate_with_sparse_paged_cache_matches_and_keeps_fewer_blocks(padded):
+    from s2attn.integrations.transformers import S2Cache
+
+    model = tiny()
+    lengths = (150, 97) if padded else (150, 150)
+    rows = [tokens(1, n, seed=7 + i)[0].tolist() for i, n in enumerate(lengths)]
+    width = max(lengths)
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])  # left padding
+    mask = (torch.arange(width)[None] >= torch.tensor([width - n for n in lengths])[:, None]).long()
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    # unpadded: transformers' eager attention under the expanded mask; padded: the default DynamicCache
+    # (whose padding handling is checked against unpadded runs above)
+    ref = (model if padded else twin(model, "s2attn_eager_check")).generate(ids, **kw)
+    cache = S2Cache.for_model(model, max_batch_size=2, max_seq_len=256)
+    out = model.generate(ids, past_key_values=cache, **kw)
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(torch.stack(out.scores), torch.stack(ref.scores), rtol=1e-4, atol=1e-4)
+    # sparse layers (0 and 2) hold fewer pages than the dense layer 1, which keeps every block
+    pages = [cache.kv.pages_in_use(i) for i in range(3)]
+    assert pages[0] == pages[2] < pages[1] == 2 * sum(-(-(n + 4) // 16) for n in lengths)
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.kv.bytes_in_use() == 0
+    with pytest.raises(ValueError, match="_attn_implementation"):
+        S2Cache.for_model(twin(model, "sdpa"), max_batch_size=1)

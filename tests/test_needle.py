@@ -1,0 +1,52 @@
+"""`s2attn needle`: the scoring rule, and the command end to end at a toy size."""
+
+import csv
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from s2attn import data, needle, train  # noqa: E402
+
+
+class Oracle(torch.nn.Module):
+    """Predicts the true next token (shifted input), or a wrong one when ``wrong``."""
+
+    def __init__(self, wrong=False):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.wrong = wrong
+
+    def forward(self, input_ids, logits_to_keep=0):
+        nxt = torch.roll(input_ids, -1, dims=1)
+        if self.wrong:
+            nxt[:, -3] = (nxt[:, -3] + 1) % data.VOCAB_SIZE  # one digit of the key off
+        logits = torch.nn.functional.one_hot(nxt, data.VOCAB_SIZE).float()
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:])
+
+
+def test_scoring_is_exact_match_on_the_key():
+    assert needle.passkey_accuracy(Oracle(), 300, 0.5, samples=5, batch_size=2) == 1.0
+    assert needle.passkey_accuracy(Oracle(wrong=True), 300, 0.5, samples=5, batch_size=2) == 0.0
+    grid = needle.needle_grid(Oracle(), [128, 256], [0.0, 1.0], samples=2)
+    assert grid.shape == (2, 2) and bool((grid == 1).all())
+
+
+def test_needle_on_checkpoints_and_fresh_model(tmp_path):
+    toy = ["--layers", "2", "--d-model", "32", "--heads", "4", "--kv-heads", "2", "--block-size", "16", "--local", "2",
+           "--stride", "4", "--device", "cpu"]
+    assert train.main([*toy, "--variants", "dense,hhst", "--seq-len", "128", "--steps", "1", "--batch-size", "1",
+                       "--out", str(tmp_path / "run")]) == 0
+    ckpts = [str(tmp_path / "run" / v / "checkpoint.pt") for v in ("dense", "hhst")]
+    out = tmp_path / "needle"
+    grid = ["--lengths", "128,200", "--depths", "3", "--samples", "2", "--out", str(out)]
+    assert needle.main([*grid, "--checkpoint", *ckpts]) == 0
+    with open(out / "needle.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 2 * 3 and {r["model"] for r in rows} == {"dense", "hhst"}
+    assert all(0.0 <= float(r["accuracy"]) <= 1.0 for r in rows)
+    assert needle.main([*toy, *grid, "--variant", "homo", "--out", str(tmp_path / "fresh")]) == 0
+    pytest.importorskip("matplotlib")
+    assert (out / "needle.png").stat().st_size > 0 and (tmp_path / "fresh" / "needle.png").exists()
