@@ -20,7 +20,9 @@ from .attention import LOG2E, _attn_bwd_dkdv, _attn_bwd_dq, _attn_fwd
 
 POISON_OUTPUTS = False  # tests set this: outputs start as NaN so an unwritten element fails
 TABLE_BLOCK_M = 64  # query tile of every kernel on the table path (the tables are built for it)
-DKDV_CHUNK = 8  # query tiles per dK/dV program on a long column (load balance)
+DKDV_CHUNK = 8  # fewest query tiles per dK/dV program on a long column (load balance vs atomics)
+DKDV_SPLITS = 16  # aim to cut the longest column into about this many chunks
+TILE_OVERRIDES: dict = {}  # kernel name -> Tiles, for tuning runs (benchmarks/profile_bwd.py)
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,8 @@ def interpreting() -> bool:
 def tiles(kernel: str, block: int, head_dim: int, table: bool) -> Tiles:
     """Tile shapes per kernel. Keys are read in tiles of ``min(block, 64)`` so a small pattern block
     wastes nothing; queries in tiles of 64–128 so small pattern blocks merge (Merge-Q)."""
+    if kernel in TILE_OVERRIDES:
+        return TILE_OVERRIDES[kernel]
     block_n = min(block, 64)
     wide = head_dim > 128
     if table:
@@ -146,7 +150,8 @@ def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, row
         longest = int((cols[0][1:] - cols[0][:-1]).max()) if cols[0].numel() > 1 else 0
         chunk, table_splits, rule_splits = DKDV_CHUNK, max(1, triton.cdiv(longest, DKDV_CHUNK)), 1
     else:
-        chunk, table_splits, rule_splits = DKDV_CHUNK, 1, triton.cdiv(q_tiles, DKDV_CHUNK)
+        chunk = max(DKDV_CHUNK, triton.cdiv(q_tiles, DKDV_SPLITS))
+        table_splits, rule_splits = 1, triton.cdiv(q_tiles, chunk)
     atomic = table_splits > 1 or rule_splits > 1
     if atomic:  # chunks of one column add up in fp32
         dk, dv = (torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (k, v))

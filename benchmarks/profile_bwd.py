@@ -1,0 +1,75 @@
+"""Per-kernel GPU times of s2attn's forward and backward under tile / chunk variants.
+
+    python benchmarks/profile_bwd.py --seqlens 32768,131072
+
+Each variant runs forward + backward a few times under torch.profiler and reports the mean CUDA
+time of each kernel (forward, dQ, dK/dV phase 0 and 1 together), so a slow backward can be pinned
+on one kernel before anything is tuned.
+"""
+
+import argparse
+import itertools
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from s2attn import ops
+from s2attn.kernels import launch
+from s2attn.patterns import local_stride
+
+
+def kernel_times(seqlen, heads=32, dim=128, reps=3):
+    pat = local_stride(heads, seqlen, 64, 8, 16)
+    q, k, v = (torch.randn(1, seqlen, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    run = lambda: ops.attention(q, k, v, pat, softmax_scale=dim**-0.5, causal=True, layout="bshd",  # noqa: E731
+                                return_lse=False)
+    out = run()
+    g = torch.randn_like(out)
+    out.backward(g)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            run().backward(g)
+        torch.cuda.synchronize()
+    times = {}
+    for e in prof.key_averages():
+        name = e.key
+        for kname in ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv"):
+            if name.startswith(kname):
+                times[kname] = times.get(kname, 0) + e.device_time_total / reps / 1e3
+    other = sum(e.device_time_total for e in prof.key_averages()) / reps / 1e3 - sum(times.values())
+    times["other"] = other
+    return times
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seqlens", default="32768,131072")
+    a = ap.parse_args()
+    T = launch.Tiles
+    variants = [("default", {}, None)]
+    for (bm, w, st), chunk in itertools.product([(64, 4, 3), (32, 4, 3), (64, 8, 2), (32, 8, 3)], [None]):
+        variants.append((f"dkdv bm{bm} w{w} s{st}", {"dkdv": T(bm, 64, w, st)}, chunk))
+    for splits in (4, 64):
+        variants.append((f"splits{splits}", {}, splits))
+    variants.append(("dq bm128 w8 s2", {"dq": T(128, 64, 8, 2)}, None))
+    variants.append(("dq bm64 w8 s3", {"dq": T(64, 64, 8, 3)}, None))
+    print("| seqlen | variant | fwd | dq | dkdv | other | bwd total |")
+    print("|---|---|---|---|---|---|---|")
+    for seqlen in [int(s) for s in a.seqlens.split(",")]:
+        for name, tiles, splits in variants:
+            launch.TILE_OVERRIDES.clear()
+            launch.TILE_OVERRIDES.update(tiles)
+            launch.DKDV_SPLITS = splits or 16
+            try:
+                t = kernel_times(seqlen)
+                bwd = t.get("_attn_bwd_dq", 0) + t.get("_attn_bwd_dkdv", 0) + t["other"]
+                print(f"| {seqlen} | {name} | {t.get('_attn_fwd', 0):.2f} | {t.get('_attn_bwd_dq', 0):.2f} | "
+                      f"{t.get('_attn_bwd_dkdv', 0):.2f} | {t['other']:.2f} | {bwd:.2f} |", flush=True)
+            except Exception as e:
+                print(f"| {seqlen} | {name} | failed: {e!r:.150} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

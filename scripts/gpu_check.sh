@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One GPU session: environment, GPU tests, benchmarks; a short table last.
+# Usage (device tool): bash scripts/gpu_check.sh [tests|bench|all]   results land in $OUT (default ./gpu-out)
+set -uo pipefail
+what=${1:-all}
+OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+if [[ $what == tests || $what == all ]]; then
+  # compiling each kernel variant is CPU-bound: run the tests as parallel shards
+  shards=$(mktemp -d)
+  python3 -m pytest ${TEST_PATHS:-tests/kernels} --collect-only -q 2>/dev/null | grep "::" > "$shards/nodes"
+  split -n r/${TEST_SHARDS:-8} "$shards/nodes" "$shards/shard."
+  for f in "$shards"/shard.*; do
+    (timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:warnings $(cat "$f") > "$f.log" 2>&1; echo "exit $?" >> "$f.log") &
+  done
+  wait
+  cat "$shards"/shard.*.log > "$OUT/tests.log"
+  grep -hE "FAILED|Error|passed|failed|exit" "$OUT/tests.log" | tail -30
+fi
+if [[ $what == profile ]]; then
+  timeout ${PROFILE_TIMEOUT:-300} python3 benchmarks/profile_bwd.py ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.log" | tail -30
+fi
+if [[ $what == bench || $what == all ]]; then
+  timeout ${BENCH_TIMEOUT:-420} python3 -m s2attn.bench ${BENCH_ARGS:-} --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log" | grep -v "^\s*$" | tail -40
+fi
