@@ -10,7 +10,11 @@ tokens, vertical stride 16, block 64) at 8k / 32k / 128k tokens of context, batc
 * ``s2attn dense pattern``: the same kernel on a dense pattern's cache (every page) — the
   kernel's bandwidth on the full bytes, comparable with the dense baselines;
 * ``SDPA default`` / ``SDPA flash``: ``scaled_dot_product_attention`` on contiguous full K/V
-  with ``enable_gqa``; ``FlexAttention``: compiled ``flex_attention``, no mask.
+  with ``enable_gqa``; ``FlexAttention``: compiled ``flex_attention``, no mask;
+* ``..., CUDA graph``: the same call captured and replayed (``do_bench_cudagraph``), i.e. without
+  launch overhead, as a served decode step runs; replays do not flush L2, so a working set
+  that fits in L2 (small contexts at batch 1) shows more than memory bandwidth. Speed-ups of
+  graph rows are against ``SDPA default, CUDA graph``.
 
 Times are ``triton.testing.do_bench`` medians (warm-up 25 ms, rep 100 ms). Bandwidth counts
 the K and V bytes each provider must read (for s2attn sparse: the pages the pattern reads),
@@ -39,13 +43,16 @@ import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
 import s2attn  # noqa: E402
-from s2attn.inference import DecodePlan, SparseKVCache, append, kv_blocks_kept, prefill  # noqa: E402
+from s2attn.inference import (  # noqa: E402
+    DecodePlan, SparseKVCache, append, kv_blocks_kept, prefill, sequences_that_fit,
+)
 
 FULL = dict(heads=32, kv_heads=8, head_dim=128, block=64, local=512, stride=16, dtype=torch.bfloat16,
             contexts=[8192, 32768, 131072], batches=[1, 32], prefill=[32768, 131072], copy_bytes=2**30)
 SMOKE = dict(heads=8, kv_heads=2, head_dim=32, block=16, local=32, stride=4, dtype=torch.bfloat16,
              contexts=[256, 512], batches=[1, 2], prefill=[256, 512], copy_bytes=2**24)
 PREFILL_SKIP_S = 3.0  # a sparse prefill slower than this at one context is not timed at the next
+FLEX_BUDGET_S = 100  # FlexAttention compiles once per shape; no new shapes for it after this much time
 
 
 def log(msg: str) -> None:
@@ -57,8 +64,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed_ms(fn, device: torch.device) -> float:
-    """Median milliseconds: ``do_bench`` on a GPU; on the CPU (smoke) one wall-clock run after a warm-up."""
+def timed_ms(fn, device: torch.device, graph: bool = False) -> float:
+    """Median milliseconds: ``do_bench`` (or ``do_bench_cudagraph``, replaying ``fn`` captured in a CUDA
+    graph) on a GPU; on the CPU (smoke) one wall-clock run after a warm-up."""
+    if graph:
+        return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
     if device.type == "cuda":
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
     fn()
@@ -129,6 +139,9 @@ def decode_rows(cfg: dict, ctx: int, batch: int, device: torch.device, flex) -> 
     }
     if flex is not None:
         providers["FlexAttention"] = (lambda: flex(q4, kd, vd, enable_gqa=True), full_bytes)
+    if device.type == "cuda":  # launch overhead removed: what a captured decode step costs
+        providers["s2attn sparse, CUDA graph"] = providers["s2attn sparse"]
+        providers["SDPA default, CUDA graph"] = providers["SDPA default"]
     # correctness in the same run: our dense-pattern kernel against SDPA, the sparse one against the reference
     check = {"s2attn dense pattern": rel_err(dense_plan.run(0, q), F.scaled_dot_product_attention(
         q4, kd, vd, enable_gqa=True)[:, :, 0])}
@@ -138,8 +151,11 @@ def decode_rows(cfg: dict, ctx: int, batch: int, device: torch.device, flex) -> 
     for name, (fn, nbytes) in providers.items():
         row = dict(kind="decode", context=ctx, batch=batch, provider=name, bytes_read=nbytes)
         try:
+            t0 = time.perf_counter()
             fn()
-            row["ms"] = timed_ms(fn, device)
+            sync(device)
+            row["first_call_s"] = time.perf_counter() - t0  # FlexAttention: its compile
+            row["ms"] = timed_ms(fn, device, graph=name.endswith("CUDA graph"))
             row["bytes_per_s"] = nbytes / (row["ms"] * 1e-3)
         except Exception as e:  # a baseline that cannot run this shape is reported, not fatal
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
@@ -211,6 +227,15 @@ def _flash_causal(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
 
+def capacity() -> dict:
+    """128k-token sequences whose KV cache fits in 80 GiB for a 7B-shaped model (32 layers, 32 query /
+    8 kv heads, d=128, bf16, every layer local 512 + stride 16), with and without 14 GB of weights."""
+    pattern = s2attn.local_stride(32, 131072, 64, 8, 16, num_kv_heads=8)
+    shape = dict(num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16)
+    return {"kv_only": sequences_that_fit(80 * 2**30, 131072, pattern, **shape),
+            "after_bf16_weights": sequences_that_fit(80 * 2**30 - 14 * 10**9, 131072, pattern, **shape)}
+
+
 def tokens(n: int) -> str:
     return f"{n // 1024}k" if n % 1024 == 0 else str(n)
 
@@ -221,18 +246,24 @@ def markdown(result: dict) -> str:
              f"Copy bandwidth (read + write): {copy / 1e12:.2f} TB/s.", "",
              "| context | batch | provider | ms | MB read | TB/s | % of copy | vs SDPA default | rel err |",
              "|---|---|---|---|---|---|---|---|---|"]
-    base = {(r["context"], r["batch"]): r.get("ms") for r in result["rows"]
-            if r["kind"] == "decode" and r["provider"] == "SDPA default"}
+    base = {(r["context"], r["batch"], r["provider"].endswith("CUDA graph")): r.get("ms") for r in result["rows"]
+            if r["kind"] == "decode" and r["provider"].startswith("SDPA default")}
     for r in (r for r in result["rows"] if r["kind"] == "decode"):
         ctx = tokens(r["context"])
         if "ms" not in r:
             lines.append(f"| {ctx} | {r['batch']} | {r['provider']} | {r['error']} | | | | | |")
             continue
-        b = base.get((r["context"], r["batch"]))
+        b = base.get((r["context"], r["batch"], r["provider"].endswith("CUDA graph")))
         speed = f"{b / r['ms']:.1f}x" if b else ""
         err = f"{r['rel_err']:.1e}" if "rel_err" in r else ""
         lines.append(f"| {ctx} | {r['batch']} | {r['provider']} | {r['ms']:.3f} | {r['bytes_read'] / 1e6:.1f} | "
                      f"{r['bytes_per_s'] / 1e12:.2f} | {100 * r['bytes_per_s'] / copy:.0f}% | {speed} | {err} |")
+    cap = result.get("capacity_7b_128k_80gib")
+    if cap:
+        lines += ["", "128k-token sequences in 80 GiB, 7B shape (32 layers, 8 kv heads, d=128, bf16): "
+                  f"s2attn {cap['kv_only']['sparse']} vs dense {cap['kv_only']['dense']} (KV only); "
+                  f"{cap['after_bf16_weights']['sparse']} vs {cap['after_bf16_weights']['dense']} "
+                  "beside 14 GB of bf16 weights."]
     lines += ["", "| prefill context | provider | ms |", "|---|---|---|"]
     for r in (r for r in result["rows"] if r["kind"] == "prefill"):
         lines.append(f"| {tokens(r['context'])} | {r['provider']} | "
@@ -265,11 +296,15 @@ def main() -> None:
     for ctx in cfg["contexts"]:
         for batch in cfg["batches"]:
             log(f"decode context {ctx}, batch {batch} ({time.time() - start:.0f} s)")
+            if flex is not None and time.time() - start > FLEX_BUDGET_S:
+                log(f"    FlexAttention skipped from here on: {FLEX_BUDGET_S} s budget spent (compiles)")
+                flex = None
             result["rows"] += decode_rows(cfg, ctx, batch, device, flex)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     if not args.no_prefill:
         result["rows"] += prefill_rows(cfg, device)
+    result["capacity_7b_128k_80gib"] = capacity()
     result["seconds"] = time.time() - start
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

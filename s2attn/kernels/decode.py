@@ -100,7 +100,7 @@ def _decode_split_kernel(
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         allowed = n_ok[None, :]
         if not RULE:
-            row = tl.load(BLOCK_MASK + head * stride_mh + qb * stride_mq + j, mask=m_ok, other=0)
+            row = tl.load(BLOCK_MASK + head * stride_mh + qb.to(tl.int64) * stride_mq + j, mask=m_ok, other=0)
             allowed = allowed & (row != 0)[:, None]
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -151,6 +151,10 @@ def _merge_splits_kernel(
              mask=h_ok[:, None] & (offs_d < head_dim)[None, :])
     tl.store(LSE + b * stride_lb + head * stride_lh, tl.where(total > 0, peak + tl.log(safe), float("-inf")),
              mask=h_ok)
+
+
+def _padded(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs every dimension >= 16
 
 
 def _interpreting() -> bool:
@@ -223,7 +227,7 @@ def decode_attention(
         dst_out.stride(0), dst_out.stride(1), stride_os,
         dst_lse.stride(0), dst_lse.stride(1),
         softmax_scale * _LOG2E, head_dim, local_blocks, vert_stride,
-        BLOCK=block, HEAD_DIM=triton.next_power_of_2(head_dim), GROUP=group,
+        BLOCK=block, HEAD_DIM=_padded(head_dim), GROUP=group,
         M=max(16, triton.next_power_of_2(group)), RULE=rule is not None, NUM_SPLITS=splits,
         UPCAST=upcast, PRECISION=precision, num_warps=4, num_stages=2,
     )
@@ -236,7 +240,7 @@ def decode_attention(
             lse.stride(0), lse.stride(1),
             head_dim,
             GROUP=group, GROUP_P2=triton.next_power_of_2(group), NUM_SPLITS=splits,
-            SPLITS_P2=triton.next_power_of_2(splits), HEAD_DIM=triton.next_power_of_2(head_dim), num_warps=4,
+            SPLITS_P2=triton.next_power_of_2(splits), HEAD_DIM=_padded(head_dim), num_warps=4,
         )
 
 
