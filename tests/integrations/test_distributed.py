@@ -50,6 +50,8 @@ def _cp_cases():
         ("explicit_mask", from_mask(random_mask.tril(), 16), 1, 16, 2, 1, 4, None),
         ("bidirectional", local_stride(2, 4096, 16, 2, 3, causal=False), 1, 16, 2, 2, 4, None),
         ("shared_dense", dense(4096, 16), 1, 9, 2, 1, 4, None),
+        # small enough for the kernels under the Triton interpreter
+        ("small_gqa", local_stride(2, 4096, 16, 1, 2, num_kv_heads=1), 1, 20, 2, 1, 8, None),
     ]
 
 
@@ -76,7 +78,7 @@ def test_context_parallel_two_ranks():
 
 
 def test_context_parallel_two_ranks_float32():
-    run_workers(_cp_worker, 2, ["local_stride_gqa", "explicit_mask"], torch.float32)
+    run_workers(_cp_worker, 2, ["small_gqa"], torch.float32)
 
 
 def test_context_parallel_four_ranks():
