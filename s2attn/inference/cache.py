@@ -7,18 +7,23 @@ block index, so whether a kv head will ever read key block ``j`` again depends o
 ``last_reader[kv_head, j]``: the last query block, over the query heads of that kv
 group, that reads key block ``j`` (closed form for local-stride rules: ``j + local - 1``,
 or "forever" for vertical blocks and dense heads; from the block mask otherwise). Once
-the next query's block passes it, block ``j``'s page goes back to the pool. This is
-exact for every causal pattern; for a KV-cache-efficient one (``is_kv_cache_efficient``)
-whose query heads agree within a kv group, the pages left equal the blocks the next
-query reads, so decode reads nothing it does not need. Bidirectional patterns have no
-meaning for a decoding cache and are refused.
+the next query's block passes it, block ``j``'s page goes back to the pool, and a block
+of a long prompt that only the prompt's own queries read never gets a page at all.
+
+This is exact for every causal pattern. For a KV-cache-efficient one (no key block is
+skipped by a query block and read again by a later one) whose query heads agree within
+a kv group, the pages left are exactly the blocks the next query reads, so decode reads
+nothing it does not need. For other patterns a page stays while any later query of the
+group reads it, and decode applies each head's mask row to the pages it finds (more
+memory and reads than the ideal, still exact). Bidirectional patterns have no meaning
+for a decoding cache and are refused.
 
 Layout: layers built with the same :class:`~s2attn.BlockPattern` object share one page
 table and free list (their pages are allocated and freed in lockstep) but each layer has
 its own K and V pools ``(num_pages + 1, block_size, head_dim)``. The extra last page
 takes the writes of tokens that no query will ever read, so writing never needs a
 host-side branch. Sequences live in *slots* (``add_sequence`` / ``remove_sequence``, at
-any time outside a step). A step (``begin_step`` ... ``end_step``) adds tokens to some
+any time; a slot in the step in progress cannot be removed). A step (``begin_step`` ... ``end_step``) adds tokens to some
 slots: ``begin_step`` reserves pages in every layer at once — or raises before changing
 anything — then each layer writes its keys/values and attends, and ``end_step`` frees
 the pages the sequences have moved past.
@@ -205,13 +210,15 @@ class SparseKVCache:
         num_heads, num_kv_heads, head_dim: the attention shape (``num_heads % num_kv_heads == 0``).
         num_pages: pages in each layer's pool (an int, or one per layer, equal within a pattern);
             a page holds ``block_size`` tokens of one kv head: ``block_size * head_dim`` values of K
-            and as many of V.
+            and as many of V. :func:`kv_blocks_kept` gives the pages one sequence needs.
         max_seqs: sequence slots (rows of the page tables).
         dtype, device: of the pools.
 
     State a kernel reads: ``seq_lens`` int32 ``(max_seqs,)`` on ``device``, and per layer
     :meth:`layer` = ``(k_pages, v_pages, page_table, pattern)``. A dense pattern (or dense heads)
     keeps every page of its heads; a sequence longer than a pattern's ``max_seq_len`` is refused.
+    The page tables take ``4 * max_seqs * num_kv_heads * ceil(max_seq_len / block_size)`` bytes per
+    distinct pattern, on the host and again on the device.
     """
 
     def __init__(
@@ -237,7 +244,8 @@ class SparseKVCache:
                                                                            for i, p in enumerate(pages))):
             if not isinstance(val, int) or val < 1:
                 raise ValueError(f"{name}={val!r}: expected a positive int")
-        self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim = num_layers, num_heads, num_kv_heads, head_dim
+        self.num_layers, self.num_heads, self.num_kv_heads = num_layers, num_heads, num_kv_heads
+        self.head_dim = head_dim
         self.max_seqs, self.dtype, self.device = max_seqs, dtype, torch.device(device)
         self.max_seq_len = min(p.max_seq_len for p in patterns)
         by_pattern: dict[int, list[int]] = {}

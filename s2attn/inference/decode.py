@@ -108,8 +108,9 @@ class DecodePlan:
 
     def run(self, layer: int, q: torch.Tensor, *, return_lse: bool = False):
         """Attention of ``q (batch_size, num_heads, head_dim)`` — the newest token of each row's
-        sequence — over that sequence's cache in ``layer``, between ``begin_step`` and ``end_step``. Returns ``out (batch_size, num_heads,
-        head_dim)`` and, with ``return_lse``, ``lse (batch_size, num_heads)`` fp32."""
+        sequence — over that sequence's cache in ``layer``; call it between ``begin_step`` and
+        ``end_step``. Returns ``out (batch_size, num_heads, head_dim)`` and, with ``return_lse``,
+        ``lse (batch_size, num_heads)`` fp32."""
         _current(self.cache)  # the newest token's blocks may be freed once its step ends
         shape = (self.batch_size, self.cache.num_heads, self.cache.head_dim)
         if tuple(q.shape) != shape or q.dtype != self.cache.dtype:
