@@ -7,11 +7,14 @@
 # layer 0 dense) and `homo` (the same, every head on the same stride offset). Then evaluates
 # passkey retrieval over context lengths x needle depths for each.
 #
-# Default size (about 4 minutes of training in all on one H100 if the sparse kernels run at
-# dense speed or better): 4 layers, d_model 512, 8 heads of 64 (8 kv heads), 16.9M parameters;
-# 8192 tokens x batch 8 x 400 steps = 26.2M training tokens per variant. Override any of
-# SEQ BATCH STEPS LR D_MODEL LAYERS HEADS KV_HEADS DENSE_LAYERS LOCAL STRIDE BLOCK NEEDLE_LENGTHS
-# NEEDLE_SAMPLES from the environment.
+# Default size: 4 layers, d_model 512, 8 heads of 64 (8 kv heads), 16.9M parameters; 8192 tokens
+# x batch 4 x 800 steps = 26.2M training tokens per variant, the same for all three. HHST sparse
+# layers: local 8 blocks of 64 (512 tokens) + every 8th block, one stride offset per kv head (union
+# complete), density 0.23 at 8k; layer 0 dense, so the retrieval (induction) step must happen in
+# sparse layers. Expected wall time: about 1-2 minutes per variant on an H100 if the s2attn kernels
+# run at least at dense speed, plus about a minute of needle evaluation; if it is much slower, lower
+# STEPS (and say so). Override any of SEQ BATCH STEPS LR D_MODEL LAYERS HEADS KV_HEADS DENSE_LAYERS
+# LOCAL STRIDE BLOCK NEEDLE_LENGTHS NEEDLE_SAMPLES from the environment.
 #
 # Writes into $OUT (default benchmarks/results/train_quality): results.md (the final table, with
 # the environment), summary.json, train_log.csv, loss_curves.png, needle.csv, needle.png.
@@ -24,7 +27,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${OUT:-benchmarks/results/train_quality}
 WORK=${WORK:-$(mktemp -d)}
-SEQ=${SEQ:-8192} BATCH=${BATCH:-8} STEPS=${STEPS:-400} LR=${LR:-1e-3}
+SEQ=${SEQ:-8192} BATCH=${BATCH:-4} STEPS=${STEPS:-800} LR=${LR:-1e-3}
 D_MODEL=${D_MODEL:-512} LAYERS=${LAYERS:-4} HEADS=${HEADS:-8} KV_HEADS=${KV_HEADS:-8}
 DENSE_LAYERS=${DENSE_LAYERS:-0} LOCAL=${LOCAL:-8} STRIDE=${STRIDE:-8} BLOCK=${BLOCK:-64}
 NEEDLE_LENGTHS=${NEEDLE_LENGTHS:-1024,2048,4096,8192,16384} NEEDLE_SAMPLES=${NEEDLE_SAMPLES:-10}

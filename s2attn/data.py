@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import random
 import string
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 

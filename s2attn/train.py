@@ -133,12 +133,13 @@ def train_variant(variant: str, args: argparse.Namespace, out: Path, writer, tex
     warmup = min(3, args.steps // 5)  # steps excluded from the throughput (allocator, autotuning)
     losses, accs = [], []
     progress = _progress(args.steps, variant)
+    batch = next(stream)
     t0 = time.perf_counter()
     for step in range(args.steps):
         if step == warmup:
             _sync(device)
             t_timed = time.perf_counter()
-        ids, labels = (x.to(device, non_blocking=True) for x in next(stream))
+        ids, labels = (x.to(device, non_blocking=True) for x in batch)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr)
         with autocast:
@@ -147,6 +148,7 @@ def train_variant(variant: str, args: argparse.Namespace, out: Path, writer, tex
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        batch = next(stream)  # built on the CPU while the GPU runs this step
         loss = float(result.loss.detach())
         acc = answer_accuracy(result.logits.detach(), labels)
         losses.append(loss)
@@ -253,6 +255,9 @@ def run(args: argparse.Namespace) -> int:
     bad = [v for v in variants if v not in VARIANTS]
     if bad or not variants:
         raise SystemExit(f"--variants={args.variants!r}: expected a comma-separated subset of {VARIANTS}")
+    for name in ("steps", "batch_size", "seq_len"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')}={getattr(args, name)}: expected a positive number")
     text = None
     if args.data:
         text, args.task = data.TextFiles(args.data), "text"

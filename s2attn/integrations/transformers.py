@@ -22,10 +22,15 @@ Semantics, per batch row:
   if it were alone, positions counted from its first real token (the ``position_ids`` that
   ``generate`` computes); padded query rows get output 0;
 * packed batches (``position_ids`` that restart, or flash-attention ``cu_seq_lens_q`` /
-  ``cu_seq_lens_k`` from ``DataCollatorWithFlattening``) go through the varlen path too.
+  ``cu_seq_lens_k`` from ``DataCollatorWithFlattening``) go through the varlen path too;
+* generation works with the default ``DynamicCache`` (every past token kept) and with
+  :class:`S2Cache`, which keeps per kv head only the key blocks its pattern will read again
+  (:class:`s2attn.inference.SparseKVCache`, prefill + paged decode kernel).
 
 Everything else (static caches, sliding windows, attention dropout, soft-capping, masks
-with holes) raises an error that names the argument.
+with holes, right padding during generation, beam search with :class:`S2Cache`) raises an
+error that names the argument. ``transformers`` does not save ``attn_implementation``:
+pass it again to ``from_pretrained`` (after :func:`register`).
 """
 
 from __future__ import annotations
@@ -91,8 +96,13 @@ def layer_pattern(config, layer_idx: int, seq_len: int, causal: bool = True) -> 
         return None
     layer = {k: settings[k] for k in _PATTERN_KEYS}
     layer.update(settings["layer_overrides"].get(str(layer_idx), {}))
-    return _cached_pattern(config.num_attention_heads, config.num_key_value_heads, layer_pattern_len(config, seq_len), causal,
-                           tuple(sorted(layer.items())))
+    return _cached_pattern(config.num_attention_heads, config.num_key_value_heads, layer_pattern_len(config, seq_len),
+                           causal, tuple(sorted(layer.items())))
+
+
+def layer_pattern_len(config, seq_len: int) -> int:
+    """The ``max_seq_len`` patterns are built for: the config's maximum, or the next power of two."""
+    return max(int(getattr(config, "max_position_embeddings", 0) or 0), 1 << max(seq_len - 1, 0).bit_length())
 
 
 @functools.lru_cache(maxsize=256)
@@ -121,9 +131,9 @@ def padding_mask(
     """The ``AttentionMaskInterface`` entry for ``"s2attn"``: the 2-D bool padding mask
     ``(batch, kv_length)``, or ``None`` when no token is padded (the pattern does the rest)."""
     if kv_offset != 0 or int(q_offset) + q_length != kv_length:
-        raise ValueError(f"past_key_values: s2attn supports caches that hold every past token (the default "
-                         f"DynamicCache); got kv_length={kv_length}, kv_offset={kv_offset} for {int(q_offset)} past "
-                         f"and {q_length} new tokens (a static or sliding-window cache?)")
+        raise ValueError(f"past_key_values: s2attn supports the default DynamicCache and S2Cache; got "
+                         f"kv_length={kv_length}, kv_offset={kv_offset} for {int(q_offset)} past and {q_length} new "
+                         f"tokens (a static or sliding-window cache?)")
     if attention_mask is None:
         return None
     attention_mask = attention_mask[:, -kv_length:]
@@ -241,11 +251,6 @@ def s2attn_attention_forward(
     return out.view(query.shape[0], seqlen_q, query.shape[1], query.shape[3]), None
 
 
-def layer_pattern_len(config, seq_len: int) -> int:
-    """The ``max_seq_len`` patterns are built for: the config's maximum, or the next power of two."""
-    return max(int(getattr(config, "max_position_embeddings", 0) or 0), 1 << max(seq_len - 1, 0).bit_length())
-
-
 def _varlen_plan(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict):
     """``(q_idx, k_idx, cu_seqlens_q, cu_seqlens_k)`` over the flattened ``(batch * seq)`` rows when
     the batch is padded or packed, else ``None``."""
@@ -284,7 +289,7 @@ class _S2Layer(CacheLayerMixin):
 
     supports_early_init = False
 
-    def __init__(self, owner: "S2Cache"):
+    def __init__(self, owner: S2Cache):
         super().__init__()
         self.owner, self.seen = owner, 0
         self.is_initialized = True
@@ -361,7 +366,7 @@ class S2Cache(Cache):
 
     @classmethod
     def for_model(cls, model, *, max_batch_size: int, max_seq_len: int | None = None,
-                  num_pages: int | list[int] | None = None) -> "S2Cache":
+                  num_pages: int | list[int] | None = None) -> S2Cache:
         """A cache for ``model``'s config, parameter dtype and device."""
         p = next(model.parameters())
         return cls(model.config, max_batch_size=max_batch_size, max_seq_len=max_seq_len, dtype=p.dtype,

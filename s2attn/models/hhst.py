@@ -9,7 +9,7 @@ the vertical stride, so the heads together cover the whole context), and the lay
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..integrations import transformers as hf
 

@@ -26,7 +26,10 @@ def eager_check(module, query, key, value, attention_mask, scaling=None, dropout
     """transformers' eager attention with the layer's pattern expanded to an additive token mask."""
     sq, sk = query.shape[2], key.shape[2]
     pattern = hf.layer_pattern(module.config, module.layer_idx, sk)
-    allowed = torch.ones(1, sq, sk, dtype=torch.bool).tril(sk - sq) if pattern is None else pattern.to_token_mask(sq, sk)
+    if pattern is None:
+        allowed = torch.ones(1, sq, sk, dtype=torch.bool).tril(sk - sq)
+    else:
+        allowed = pattern.to_token_mask(sq, sk)
     additive = torch.zeros(allowed.shape, dtype=query.dtype).masked_fill(~allowed, float("-inf"))[None]
     return eager_attention_forward(module, query, key, value, additive, scaling=scaling, dropout=dropout)
 
