@@ -1,13 +1,16 @@
 # The two set-up commands: `make demo` and `make test`. Both create .venv if needed and install the
-# package there; the install is redone only when pyproject.toml changes (stamp file).
+# package there; the install is redone only when pyproject.toml or this file changes (stamp file).
 #
 # CI pins torch to the CPU build this machine carries (fast, no CUDA download); the package itself
-# only asks for a range. Override on the command line, e.g. `make test TORCH=torch==2.11.0`.
+# only asks for ranges. Override on the command line, e.g. `make test TORCH=torch==2.11.0`.
+# numpy stays below 2.4 (2.2.6, as in the dev venv): Triton 3.6's CPU interpreter converts
+# 1-element arrays to Python scalars, which numpy 2.4 made an error (every interpreted kernel fails).
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 TRITON ?= triton==3.6.0
+NUMPY ?= numpy==2.2.6
 STAMP := $(VENV)/.s2attn-installed
 
 .PHONY: install demo test clean
@@ -17,8 +20,8 @@ install: $(STAMP)
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(VENV)/bin/python
-	$(VENV)/bin/python -m pip install --quiet $(TORCH) $(TRITON)
+$(STAMP): pyproject.toml Makefile | $(VENV)/bin/python
+	$(VENV)/bin/python -m pip install --quiet $(TORCH) $(TRITON) $(NUMPY)
 	$(VENV)/bin/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
