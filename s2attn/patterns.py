@@ -244,8 +244,8 @@ class BlockPattern:
         seq_len = self.max_seq_len if seq_len is None else seq_len
         mask = self.block_mask(seq_len)
         # a "revival" is a skip followed by a read further down the same key column
-        skipped_before = torch.cummax((~mask).to(torch.int8), dim=1).values.bool()
-        below_diag = torch.ones_like(mask[0]).tril()
+        below_diag = torch.ones_like(mask[0]).tril()  # the empty causal triangle is not a skip
+        skipped_before = torch.cummax((~mask & below_diag).to(torch.int8), dim=1).values.bool()
         return not bool((mask[:, 1:] & skipped_before[:, :-1] & below_diag[1:]).any())
 
     def kv_tokens_kept(self, seq_len: int) -> torch.Tensor:

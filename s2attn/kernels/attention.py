@@ -112,6 +112,14 @@ def _row_segments(qb_lo, qb_hi, n_kb, local, stride, shift, dense, CAUSAL: tl.co
 
 
 @triton.jit
+def _load_lse2(ptrs, mask):
+    """Row log-sum-exp in base 2; rows that do not exist or attend nothing read +inf, so every
+    probability recomputed from it is exactly 0."""
+    lse = tl.load(ptrs, mask=mask, other=float("inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+
+
+@triton.jit
 def _seq_bounds(cu_q, cu_k, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
     """First row and length of sequence ``b`` in q and in k (packed rows when ``VARLEN``)."""
     if VARLEN:
@@ -284,15 +292,19 @@ def _dq_segment(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, DQ, LSE2, DELTA, cu_q, cu_k, tab_ptr, tab_kb, tab_bits,
+    Q, K, V, O, DO, DQ, LSE, DLSE, DELTA, cu_q, cu_k, tab_ptr, tab_kb, tab_bits,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
     stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh, stride_ls,
     seqlen_q, seqlen_k, heads_per_kv, n_tiles, qk_scale, sm_scale,
     local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous, pattern_heads,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, TABLE: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
 ):
+    """dQ, query-major like the forward. It also computes and stores delta = rowsum(dO * O) - dlse,
+    the softmax-backward row term the dK/dV kernel (launched after) reads."""
     h = tl.program_id(1)
     b = tl.program_id(2)
     q_start, k_start, len_q, len_k = _seq_bounds(cu_q, cu_k, b, seqlen_q, seqlen_k, VARLEN)
@@ -313,10 +325,14 @@ def _attn_bwd_dq(
                 other=0.0)
     do = tl.load(DO + b * stride_dob + rows[:, None] * stride_dos + h * stride_doh + offs_d[None, :],
                  mask=io_mask, other=0.0)
-    # rows that do not exist or attend nothing carry lse = +inf, so every p of theirs is 0
     lse_ptrs = b * stride_lb + h * stride_lh + rows * stride_ls
-    lse2 = tl.load(LSE2 + lse_ptrs, mask=row_ok, other=float("inf"))
-    delta = tl.load(DELTA + lse_ptrs, mask=row_ok, other=0.0)
+    lse2 = _load_lse2(LSE + lse_ptrs, row_ok)
+    o = tl.load(O + b * stride_ob + rows[:, None] * stride_os + h * stride_oh + offs_d[None, :], mask=io_mask,
+                other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + lse_ptrs, mask=row_ok, other=0.0)
+    tl.store(DELTA + lse_ptrs, delta, mask=row_ok)
     kvh = h // heads_per_kv
     k_base = K + b * stride_kb + k_start * stride_ks + kvh * stride_kh
     v_base = V + b * stride_vb + k_start * stride_vs + kvh * stride_vh
@@ -378,7 +394,7 @@ def _dkdv_segment(
         io_mask = row_ok[:, None] & d_ok[None, :]
         q = tl.load(q_base + q_row[:, None] * stride_qs + offs_d[None, :], mask=io_mask, other=0.0)
         do = tl.load(do_base + q_row[:, None] * stride_dos + offs_d[None, :], mask=io_mask, other=0.0)
-        lse2 = tl.load(lse_base + q_row * stride_ls, mask=row_ok, other=float("inf"))
+        lse2 = _load_lse2(lse_base + q_row * stride_ls, row_ok)
         delta = tl.load(delta_base + q_row * stride_ls, mask=row_ok, other=0.0)
         # transposed scores: keys along rows, queries along columns
         st = _dot(k, tl.trans(q), UPCAST) * qk_scale
@@ -437,7 +453,7 @@ def _col_segments(kb, q_tile_lo, q_tile_hi, local, stride, shift, dense,
 @triton.jit
 def _dkdv_head(
     dk, dv, k, v, h, b, k_pos, kb, split, chunk, with_masked, q_start, q_off, len_q, q_tile_lo, q_tile_hi,
-    Q, DO, LSE2, DELTA, tab_ptr, tab_tile, tab_bits,
+    Q, DO, LSE, DELTA, tab_ptr, tab_tile, tab_bits,
     stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh, stride_ls,
     n_kblocks, qk_scale,
     local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous, pattern_heads,
@@ -450,7 +466,7 @@ def _dkdv_head(
     offs_d = tl.arange(0, BLOCK_D)
     state = (Q + b * stride_qb + q_start * stride_qs + h * stride_qh,
              DO + b * stride_dob + q_start * stride_dos + h * stride_doh,
-             LSE2 + b * stride_lb + h * stride_lh + q_start * stride_ls,
+             LSE + b * stride_lb + h * stride_lh + q_start * stride_ls,
              DELTA + b * stride_lb + h * stride_lh + q_start * stride_ls,
              stride_qs, stride_dos, stride_ls, k_pos, kb, offs_m, offs_d, q_off, len_q, qk_scale)
     work = 0
@@ -482,7 +498,7 @@ def _dkdv_head(
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, DK, DV, LSE2, DELTA, cu_q, cu_k, tab_ptr, tab_tile, tab_bits,
+    Q, K, V, DO, DK, DV, LSE, DELTA, cu_q, cu_k, tab_ptr, tab_tile, tab_bits,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
     stride_lb, stride_lh, stride_ls,
@@ -544,7 +560,7 @@ def _attn_bwd_dkdv(
     for i in range(n_heads):
         dk, dv, w = _dkdv_head(
             dk, dv, k, v, first_head + i, b, k_pos, kb, split, chunk, PHASE == 0, q_start, q_off, len_q,
-            q_tile_lo, q_tile_hi, Q, DO, LSE2, DELTA, tab_ptr, tab_tile, tab_bits,
+            q_tile_lo, q_tile_hi, Q, DO, LSE, DELTA, tab_ptr, tab_tile, tab_bits,
             stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh, stride_ls,
             n_kblocks, qk_scale,
             local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous, pattern_heads,
@@ -552,7 +568,7 @@ def _attn_bwd_dkdv(
         work += w
     dk_ptrs = DK + b * stride_dkb + k_rows[:, None] * stride_dks + kvh * stride_dkh + offs_d[None, :]
     dv_ptrs = DV + b * stride_dvb + k_rows[:, None] * stride_dvs + kvh * stride_dvh + offs_d[None, :]
-    if ATOMIC:
+    if ATOMIC or PHASE == 1:  # phase 0 ran before: its stores are the base these add onto
         if work > 0:
             tl.atomic_add(dk_ptrs, dk * sm_scale, mask=kv_mask)
             tl.atomic_add(dv_ptrs, dv, mask=kv_mask)

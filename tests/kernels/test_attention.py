@@ -43,7 +43,7 @@ def make_qkv(batch, seq_q, seq_k, heads, kv_heads, dim, dtype, layout="bshd", ge
 
 
 def check(q, k, v, pattern, *, layout="bshd", causal=None, with_lse=False, deterministic=False, scale=None,
-          grad_floor=1e-2):
+          grad_tol=None):
     """Forward (out, lse) and gradients of q, k, v (and of lse) against the fp64 reference."""
     causal = pattern.causal if causal is None else causal
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -70,7 +70,7 @@ def check(q, k, v, pattern, *, layout="bshd", causal=None, with_lse=False, deter
         out.backward(d_out)
         ref_out.backward(d_out.double().cpu())
     for name, x, r in zip("qkv", leaves, ref_leaves):
-        assert rel_err(x.grad, r.grad.to(DEVICE), grad_floor) <= tol, f"d{name}"
+        assert rel_err(x.grad, r.grad.to(DEVICE)) <= (grad_tol or tol), f"d{name}"
     return [x.grad for x in leaves]
 
 
@@ -192,11 +192,12 @@ def test_split_columns_match_unsplit(monkeypatch):
         assert rel_err(a, b.double()) <= 1e-5
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_large_scores_stay_finite(dtype):
-    """Scores around 1e4 (large activations): the online softmax must neither overflow nor NaN."""
+@pytest.mark.parametrize("dtype, grad_tol", [(torch.float16, None), (torch.bfloat16, 0.3)])
+def test_large_scores_stay_finite(dtype, grad_tol):
+    """Scores around 1e3-1e4 (large activations): the online softmax neither overflows nor NaNs,
+    and the forward matches. The softmax is nearly one-hot, so dQ/dK rest on the cancellation
+    dp - delta with delta = rowsum(dO * O) from the stored O (as in FlashAttention): bf16's
+    rounding of O (~4e-3) then shows in the gradients (~15% here), fp16's does not."""
     pattern = local_stride(2, 512, 32, local_blocks=2, vert_stride=3)
     q, k, v = make_qkv(1, 160, 160, 2, 2, 64, dtype)
-    # the softmax is one-hot, so the true dq, dk vanish; what remains is the rounding of O in
-    # delta = rowsum(dO * O) (as in FlashAttention): compared absolutely
-    check(q * 12, k * 12, v, pattern, scale=1.0, grad_floor=1.0)
+    check(q * 12, k * 12, v, pattern, scale=1.0, grad_tol=grad_tol)
