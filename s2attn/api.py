@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from . import ops
 from .patterns import BlockPattern
-from .reference import reference_attention, reference_attention_varlen
 from .validation import check_attention_inputs, check_varlen_inputs
 
 Output = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -32,6 +32,7 @@ def sparse_attention(
     causal: bool | None = None,
     layout: str = "bshd",
     return_lse: bool = False,
+    deterministic: bool = False,
 ) -> Output:
     """Block-sparse attention over a batch of equal-length sequences.
 
@@ -44,6 +45,11 @@ def sparse_attention(
         causal: add ``s <= t`` to the pattern's mask; default ``pattern.causal``.
         layout: ``"bshd"`` (flash-attn's) or ``"bhsd"`` (SDPA's).
         return_lse: also return the natural-log log-sum-exp of the scaled scores of each row.
+        deterministic: a backward with bit-identical gradients run to run (no atomics: the long
+            key columns of vertical strides are not split across programs, somewhat slower).
+
+    Runs the Triton kernels on CUDA tensors (and under ``TRITON_INTERPRET=1``), else the
+    PyTorch reference.
 
     Dtypes: q, k, v all fp16, bf16 or fp32 (computed in fp32), or fp64 on the CPU (computed in fp64).
     All tensors on one device.
@@ -55,8 +61,9 @@ def sparse_attention(
     check_attention_inputs(q, k, v, pattern, softmax_scale=softmax_scale, causal=causal, layout=layout,
                            return_lse=return_lse)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    out, lse = _attention(q, k, v, pattern, scale, pattern.causal if causal is None else causal, layout)
-    return (out, lse) if return_lse else out
+    causal = pattern.causal if causal is None else causal
+    return ops.attention(q, k, v, pattern, softmax_scale=scale, causal=causal, layout=layout, return_lse=return_lse,
+                         deterministic=deterministic)
 
 
 def sparse_attention_varlen(
@@ -72,6 +79,7 @@ def sparse_attention_varlen(
     softmax_scale: float | None = None,
     causal: bool | None = None,
     return_lse: bool = False,
+    deterministic: bool = False,
 ) -> Output:
     """Block-sparse attention over packed sequences of different lengths (as ``flash_attn_varlen_func``).
 
@@ -82,7 +90,7 @@ def sparse_attention_varlen(
             ending at ``total_q`` / ``total_k``: sequence ``i`` is rows ``cu_seqlens[i]:cu_seqlens[i + 1]``.
             Each sequence needs ``seqlen_q <= seqlen_k <= pattern.max_seq_len``.
         max_seqlen_q, max_seqlen_k: at least the longest query / key sequence.
-        pattern, softmax_scale, causal: as in :func:`sparse_attention`. Every sequence starts at
+        pattern, softmax_scale, causal, deterministic: as in :func:`sparse_attention`. Every sequence starts at
             position 0, and its queries are end-aligned to its own keys.
 
     Returns:
@@ -92,20 +100,7 @@ def sparse_attention_varlen(
     check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, pattern,
                         softmax_scale=softmax_scale, causal=causal, return_lse=return_lse)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    out, lse = _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, pattern, scale,
-                                 pattern.causal if causal is None else causal)
-    return (out, lse) if return_lse else out
-
-
-# ---------------------------------------------------------------- dispatch (validated inputs only)
-def _attention(q, k, v, pattern: BlockPattern, softmax_scale: float, causal: bool, layout: str):
-    """Returns ``(out, lse)``. The one place :func:`sparse_attention` picks an implementation."""
-    return reference_attention(q, k, v, pattern, softmax_scale=softmax_scale, causal=causal, layout=layout,
-                               return_lse=True)
-
-
-def _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
-                      pattern: BlockPattern, softmax_scale: float, causal: bool):
-    """Returns ``(out, lse)``. The one place :func:`sparse_attention_varlen` picks an implementation."""
-    return reference_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, pattern, softmax_scale=softmax_scale,
-                                      causal=causal, return_lse=True)
+    causal = pattern.causal if causal is None else causal
+    return ops.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, pattern,
+                                softmax_scale=scale, causal=causal, return_lse=return_lse,
+                                deterministic=deterministic)

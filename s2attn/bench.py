@@ -121,7 +121,7 @@ def run(seqlens, heads=32, head_dim=128, local=512, stride=16, block=64, provide
     providers = providers or ["s2attn", "sdpa-flash", "sdpa-cudnn", "flex-128", "flex-same"]
     from torch.nn.attention import SDPBackend
 
-    from .ops import attention
+    from .api import sparse_attention
 
     rows: list[Row] = []
     dev = "cuda"
@@ -135,9 +135,7 @@ def run(seqlens, heads=32, head_dim=128, local=512, stride=16, block=64, provide
             t0 = time.time()
             try:
                 if name == "s2attn":
-                    fwd, bwd = _measure(lambda a, b, c: attention(a, b, c, pat, softmax_scale=head_dim**-0.5,
-                                                                  causal=True, layout="bshd", return_lse=False),
-                                        q, k, v)
+                    fwd, bwd = _measure(lambda a, b, c: sparse_attention(a, b, c, pat), q, k, v)
                     used = pat
                 elif name.startswith("sdpa"):
                     backend = SDPBackend.FLASH_ATTENTION if name == "sdpa-flash" else SDPBackend.CUDNN_ATTENTION
