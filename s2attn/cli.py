@@ -208,7 +208,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else None
-    parser = build_parser(command)
+    try:
+        parser = build_parser(command)
+    except ModuleNotFoundError as e:  # a feature command whose optional dependency is missing
+        if command not in FEATURE_COMMANDS or (e.name or "s2attn").startswith("s2attn"):
+            raise
+        print(f"s2attn {command}: needs the package {e.name!r}, which is not installed "
+              f"(pip install 's2attn[all]' installs every optional dependency)", file=sys.stderr)
+        return 2
     args, rest = parser.parse_known_args(argv)
     if command == "bench":
         args.rest = rest

@@ -1,5 +1,6 @@
 """The ``s2attn`` command: ``patterns`` at a million tokens, ``demo`` on the CPU, the bench hook, feature commands."""
 
+import importlib
 import os
 import subprocess
 import sys
@@ -99,6 +100,23 @@ def test_feature_commands_are_imported_only_when_run(monkeypatch, capsys):
 
 @pytest.mark.parametrize("name", cli.FEATURE_COMMANDS)
 def test_registered_feature_commands_build_their_parsers(name, capsys):
+    try:
+        importlib.import_module(cli.FEATURE_COMMANDS[name][0])
+    except ModuleNotFoundError as e:  # an optional dependency (an extra) is not installed: a clear error
+        assert cli.main([name, "--help"]) == 2
+        assert f"needs the package {e.name!r}" in capsys.readouterr().err
+        return
     with pytest.raises(SystemExit) as info:
         cli.main([name, "--help"])
     assert info.value.code == 0 and f"usage: s2attn {name}" in capsys.readouterr().out
+
+
+def test_feature_command_missing_dependency(monkeypatch, capsys):
+    monkeypatch.setitem(cli.FEATURE_COMMANDS, "needs_extra", ("fake_feature_with_extra", "needs an extra"))
+
+    def fail(sub):
+        raise ModuleNotFoundError("No module named 'some_extra'", name="some_extra")
+
+    monkeypatch.setitem(sys.modules, "fake_feature_with_extra", types.SimpleNamespace(add_parser=fail))
+    assert cli.main(["needs_extra"]) == 2
+    assert "needs the package 'some_extra'" in capsys.readouterr().err
