@@ -142,6 +142,7 @@ def check_against_reference(device: torch.device, dtype: torch.dtype, tol: float
     Prints the relative errors ``|x - ref| / |ref|`` of out, dq, dk, dv and PASS/FAIL against ``tol``.
     """
     from .api import sparse_attention
+    from .ops import use_kernel
     from .patterns import local_stride
     from .reference import reference_attention
 
@@ -161,8 +162,10 @@ def check_against_reference(device: torch.device, dtype: torch.dtype, tol: float
     ref = run(reference_attention, torch.device("cpu"), torch.float64)
     errors = [float((g - r).norm() / r.norm()) for g, r in zip(got, ref)]
     passed = all(e <= tol for e in errors)
-    print(f"forward + backward on {device.type}, {str(dtype).removeprefix('torch.')}: batch {batch}, seq {seqlen}, "
-          f"{heads} heads / {kv_heads} kv heads, head_dim {head_dim}, block {block}")
+    path = "Triton kernels" if use_kernel(q.to(device, dtype)) else "PyTorch reference (no GPU, no TRITON_INTERPRET=1)"
+    print(f"forward + backward through s2attn.sparse_attention on {device.type}, {str(dtype).removeprefix('torch.')} "
+          f"[{path}]: batch {batch}, seq {seqlen}, {heads} heads / {kv_heads} kv heads, head_dim {head_dim}, "
+          f"block {block}")
     print("  rel. error vs float64 reference: " + ", ".join(f"{n} {e:.1e}" for n, e in zip(("out", "dq", "dk", "dv"), errors))
           + f"  (tolerance {tol:.0e})  {'PASS' if passed else 'FAIL'}")
     return passed

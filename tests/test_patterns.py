@@ -149,9 +149,6 @@ def test_relative_dilated_pattern_is_not_kv_cache_efficient():
     assert not p.is_kv_cache_efficient()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG in patterns.py (reported to the lead): is_kv_cache_efficient of a "
-                   "mask pattern counts the causally excluded upper triangle as 'skipped', so every causal "
-                   "mask (even dense) is reported not KV-cache efficient")
 @pytest.mark.parametrize("source", ["local_stride", "dense"])
 def test_mask_of_an_efficient_pattern_is_kv_cache_efficient(source):
     rule = local_stride(4, 16 * 20, 16, 2, 4) if source == "local_stride" else dense(16 * 20, 16)
