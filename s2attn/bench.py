@@ -195,14 +195,14 @@ def plot(rows: list[Row], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key in zip(axes, ("fwd_ms", "bwd_ms")):
+    for ax, key, title in zip(axes, ("fwd_ms", "bwd_ms"), ("forward", "backward")):
         for prov in dict.fromkeys(r.provider for r in rows):
             pts = [(r.seqlen, getattr(r, key)) for r in rows if r.provider == prov and not math.isnan(getattr(r, key))]
             if pts:
                 ax.loglog(*zip(*pts), marker="o", label=prov)
         ax.set_xlabel("sequence length")
         ax.set_ylabel("ms")
-        ax.set_title(key.replace("_ms", "") + "ward")
+        ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend()
     fig.tight_layout()

@@ -103,9 +103,16 @@ _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _kernel_call(q, k, v, pattern, cu_q, cu_k, max_q, max_k, scale, causal, deterministic):
+    head_dim = q.shape[-1]
+    padded = max(16, 1 << (head_dim - 1).bit_length())
+    if padded != head_dim:
+        # zero columns change no score (the scale is explicit) and are sliced off the output;
+        # the kernels then only ever see power-of-two head dims (80/96 unpadded stalled on an H100)
+        q, k, v = (torch.nn.functional.pad(x, (0, padded - head_dim)) for x in (q, k, v))
     rule, rows, cols, has_dense = _lower(pattern, max_k, q.device)
-    return _attention_fwd(q, k, v, cu_q, cu_k, *_unpack(rows), *_unpack(cols), rule, pattern.block_size,
-                          max_q, max_k, scale, causal, has_dense, deterministic)
+    out, lse = _attention_fwd(q, k, v, cu_q, cu_k, *_unpack(rows), *_unpack(cols), rule, pattern.block_size,
+                              max_q, max_k, scale, causal, has_dense, deterministic)
+    return out[..., :head_dim], lse
 
 
 def attention(q, k, v, pattern: BlockPattern, *, softmax_scale: float, causal: bool, layout: str,

@@ -19,6 +19,9 @@ if [[ $what == tests || $what == all ]]; then
   cat "$shards"/shard.*.log > "$OUT/tests.log"
   grep -hE "FAILED|Error|passed|failed|exit" "$OUT/tests.log" | tail -30
 fi
+if [[ $what == decode ]]; then
+  timeout ${DECODE_TIMEOUT:-240} python3 benchmarks/bench_decode.py --out "$OUT/bench_decode.json" 2>&1 | tee "$OUT/bench_decode.md" | tail -45
+fi
 if [[ $what == profile ]]; then
   timeout ${PROFILE_TIMEOUT:-300} python3 benchmarks/profile_bwd.py ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.log" | tail -30
 fi

@@ -36,11 +36,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def tiles(kernel: str, block: int, head_dim: int, table: bool) -> Tiles:
+def tiles(kernel: str, block: int, head_dim: int, table: bool, itemsize: int = 2) -> Tiles:
     """Tile shapes per kernel. Keys are read in tiles of ``min(block, 64)`` so a small pattern block
-    wastes nothing; queries in tiles of 64–128 so small pattern blocks merge (Merge-Q)."""
+    wastes nothing; queries in tiles of 64–128 so small pattern blocks merge (Merge-Q). Rows wider
+    than 512 bytes (fp32 at head_dim 256) take 32-key tiles, unpipelined, to fit shared memory."""
     if kernel in TILE_OVERRIDES:
         return TILE_OVERRIDES[kernel]
+    row_bytes = head_dim * itemsize
+    if row_bytes > 512:
+        return Tiles(TABLE_BLOCK_M if table else 32, min(block, 32), 4, 1)
     block_n = min(block, 64)
     wide = head_dim > 128
     if table:
@@ -95,7 +99,7 @@ def forward(q, k, v, *, cu_q, cu_k, max_q, max_k, rule, rows, block, scale, caus
     varlen, batch, cu_q, cu_k = _seq_args(q, k, cu_q, cu_k)
     heads, head_dim = q.shape[2], q.shape[3]
     use_table, table = _table_args(rows, q.device)
-    t = tiles("fwd", block, head_dim, use_table)
+    t = tiles("fwd", block, head_dim, use_table, q.element_size())
     out = _new_like(q)
     lse = _new_like(q, (heads, q.shape[1]) if varlen else (batch, heads, q.shape[1]), torch.float32)
     n_tiles = triton.cdiv(max_k, t.block_m)
@@ -124,7 +128,7 @@ def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, row
     lse_strides = _lse_strides(lse, varlen)
     delta = torch.empty_like(lse)  # written by the dQ kernel, read by the dK/dV kernel
 
-    t = tiles("dq", block, head_dim, use_table)
+    t = tiles("dq", block, head_dim, use_table, q.element_size())
     dq = _new_like(q)
     _attn_bwd_dq[(triton.cdiv(max_q, t.block_m) + 1, heads, batch)](
         q, k, v, out, do, dq, lse, lse if dlse is None else dlse.contiguous(), delta, cu_q, cu_k, *row_table,
@@ -135,7 +139,7 @@ def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, row
         num_stages=t.num_stages, **common,
     )
 
-    t = tiles("dkdv", block, head_dim, use_table)
+    t = tiles("dkdv", block, head_dim, use_table, q.element_size())
     q_tiles = triton.cdiv(max_q, t.block_m) + 1
     n_kb = triton.cdiv(max_k, block)
     if deterministic:

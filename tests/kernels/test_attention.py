@@ -94,6 +94,11 @@ def test_head_dims(dim):
     check(*make_qkv(1, 200, 200, 2, 2, dim, torch.float32), pattern)
 
 
+def test_wide_head_half_precision():
+    pattern = local_stride(2, 512, 64, local_blocks=1, vert_stride=2)
+    check(*make_qkv(1, 200, 200, 2, 1, 256, torch.bfloat16), pattern)
+
+
 @pytest.mark.parametrize("seq_q, seq_k", [(1, 1), (1, 300), (77, 300), (1000, 1000)])
 def test_lengths_end_aligned(seq_q, seq_k):
     """Queries end-aligned to keys (chunked prefill, decode) and odd lengths."""
