@@ -24,10 +24,14 @@ def use_kernel(q: torch.Tensor) -> bool:
     return (q.is_cuda or launch.interpreting()) and q.dtype in KERNEL_DTYPES and q.shape[-1] <= MAX_HEAD_DIM
 
 
-def _lower(pattern: BlockPattern, seq_len: int, device: torch.device):
-    """Pattern -> (rule ints, row table, column table, has dense heads), as the kernels take them."""
+def _lower(pattern: BlockPattern, seq_len: int, device: torch.device, causal: bool):
+    """Pattern -> (rule ints, row table, column table, has dense heads), as the kernels take them.
+
+    The kernels' rule path derives the block window from ``causal``; a call whose ``causal``
+    differs from the pattern's (e.g. dropping ``s <= t`` inside a causal layout) keeps the
+    pattern's own block layout through the tables instead."""
     r = pattern.rule
-    if r is None:
+    if r is None or causal != pattern.causal:
         rows, cols = block_tables(pattern, seq_len, launch.TABLE_BLOCK_M, device)
         return [1, 1, 0, 0, 1, 0, 0, 0, pattern.pattern_heads], rows, cols, False
     rule = [r.local_blocks, r.vert_stride, r.head_step, r.head_offset, r.heads_per_group, r.head_base,
@@ -109,7 +113,7 @@ def _kernel_call(q, k, v, pattern, cu_q, cu_k, max_q, max_k, scale, causal, dete
         # zero columns change no score (the scale is explicit) and are sliced off the output;
         # the kernels then only ever see power-of-two head dims (80/96 unpadded stalled on an H100)
         q, k, v = (torch.nn.functional.pad(x, (0, padded - head_dim)) for x in (q, k, v))
-    rule, rows, cols, has_dense = _lower(pattern, max_k, q.device)
+    rule, rows, cols, has_dense = _lower(pattern, max_k, q.device, causal)
     out, lse = _attention_fwd(q, k, v, cu_q, cu_k, *_unpack(rows), *_unpack(cols), rule, pattern.block_size,
                               max_q, max_k, scale, causal, has_dense, deterministic)
     return out[..., :head_dim], lse

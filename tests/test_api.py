@@ -28,10 +28,7 @@ def qkv(sq=45, sk=70, dtype=torch.float32, layout="bshd", batch=2):
 
 # ---------------------------------------------------------------- results
 @pytest.mark.parametrize("layout", ["bshd", "bhsd"])
-@pytest.mark.parametrize("causal", [None, pytest.param(False, marks=pytest.mark.xfail(
-    strict=True, reason="BUG in ops/kernels (reported to the lead): causal=False on a causal rule pattern also "
-    "makes the kernels' block rule bidirectional (symmetric window, blocks j > i); the reference keeps the "
-    "pattern's own block mask and only drops the token-level s <= t"))])
+@pytest.mark.parametrize("causal", [None, False])
 def test_sparse_attention_matches_reference(layout, causal):
     p = pattern()
     q, k, v = qkv(layout=layout)
