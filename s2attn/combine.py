@@ -25,7 +25,8 @@ def combine_partitions(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tu
         if lse.shape != o.shape[:-3] + (o.shape[-2], o.shape[-3]):
             raise ValueError(f"part {i}: lse shape {tuple(lse.shape)} does not match out shape {tuple(o.shape)}; "
                              f"expected lse (..., heads, seqlen) for out (..., seqlen, heads, d)")
-    stacked = torch.stack(lses).float()
+    compute = torch.promote_types(lses[0].dtype, torch.float32)  # fp64 parts stay fp64
+    stacked = torch.stack(lses).to(compute)
     peak = stacked.amax(0)
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
     weights = torch.exp(stacked - peak)  # (parts, ..., heads, seqlen); empty parts weigh 0
@@ -34,5 +35,5 @@ def combine_partitions(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tu
     safe = torch.where(nonempty, total, torch.ones_like(total))
     lse = torch.where(nonempty, peak + torch.log(safe), torch.full_like(safe, float("-inf")))
     w = (weights / safe).transpose(-1, -2).unsqueeze(-1)  # (parts, ..., seqlen, heads, 1)
-    out = sum(w[i] * outs[i].float() for i in range(len(parts)))
+    out = sum(w[i] * outs[i].to(compute) for i in range(len(parts)))
     return out.to(outs[0].dtype), lse

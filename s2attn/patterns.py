@@ -224,10 +224,14 @@ class BlockPattern:
             heads = torch.arange(self.pattern_heads)
             if bool(r.is_dense(heads).any()) or n <= r.local_blocks:
                 return True
-            residues = set((-r.shift(heads[~r.is_dense(heads)]) % r.vert_stride).tolist())
-            # key blocks beyond the window are 0 .. n-1-L (causal) or both sides: all residues needed
-            beyond = n - r.local_blocks
-            return all(c in residues for c in range(min(r.vert_stride, beyond)))
+            L, S = r.local_blocks, r.vert_stride
+            residues = set((-r.shift(heads[~r.is_dense(heads)]) % S).tolist())
+            # key blocks outside some query block's window: 0 .. n-1-L (the last query block looks back);
+            # bidirectional also L .. n-1 (the first query block looks ahead)
+            needed = set(range(min(S, n - L)))
+            if not self.causal:
+                needed |= {j % S for j in range(L, min(n, L + S))}
+            return needed <= residues
         union = self.block_mask(seq_len).any(0)
         visible = torch.ones(n, n, dtype=torch.bool)
         if self.causal:

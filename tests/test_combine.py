@@ -62,8 +62,6 @@ def test_single_part_is_identity_and_bad_parts_raise():
         combine_partitions([(out, lse.transpose(-1, -2))])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG in combine.py (reported to the lead): it computes in fp32 "
-                   "(.float()) whatever the input dtype, so float64 parts lose precision and lse comes back fp32")
 def test_float64_stays_float64():
     out1, out2 = torch.randn(1, 5, 2, 4, dtype=torch.float64), torch.randn(1, 5, 2, 4, dtype=torch.float64)
     lse1, lse2 = torch.randn(1, 2, 5, dtype=torch.float64), torch.randn(1, 2, 5, dtype=torch.float64)

@@ -109,9 +109,6 @@ def test_union_complete_matches_brute_force(name, seq_len):
     assert p.is_union_complete(seq_len) == brute_union_complete(p, seq_len)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG in patterns.py (reported to the lead): is_union_complete of a "
-                   "bidirectional local-stride rule only checks key blocks 0..n-1-L, but query block 0 also "
-                   "needs key blocks L..n-1 covered")
 def test_union_complete_bidirectional_matches_brute_force():
     patterns = [build(cfg, 16 * 40) for cfg in CONFIGS.values() if not cfg.get("causal", True)]
     patterns.append(local_stride(1, 16 * 40, 16, 4, 16, causal=False, homogeneous=True))  # fails at 5 blocks

@@ -135,6 +135,32 @@ def _seq_bounds(cu_q, cu_k, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
     return q_start, k_start, len_q, len_k
 
 
+@triton.jit
+def _segment_block(i, start, step, ent_base, tab_kb, tab_bits, qb_rows, qb_lo, local, stride, shift, dense,
+                   CAUSAL: tl.constexpr, MASKED: tl.constexpr, TABLE: tl.constexpr):
+    """The ``i``-th key block of a segment, and which of the tile's query rows read it."""
+    if TABLE:
+        kb = tl.load(tab_kb + ent_base + i)
+        bits = tl.load(tab_bits + ent_base + i)
+        row_ok = ((bits >> (qb_rows - qb_lo)) & 1) != 0
+    else:
+        kb = start + i * step
+        if MASKED:
+            row_ok = _rows_allowed(qb_rows, kb, local, stride, shift, dense, CAUSAL)
+        else:
+            row_ok = qb_rows >= 0
+    return kb, row_ok
+
+
+@triton.jit
+def _tile_ok(row_ok, q_pos, k_pos, len_k, CAUSAL: tl.constexpr):
+    """Token-level mask of a (query rows x keys) tile: block rule, sequence end, causality."""
+    ok = row_ok[:, None] & (k_pos < len_k)[None, :]
+    if CAUSAL:
+        ok = ok & (k_pos[None, :] <= q_pos[:, None])
+    return ok
+
+
 # --------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_segment(
@@ -147,24 +173,15 @@ def _fwd_segment(
 ):
     d_ok = offs_d < HEAD_DIM
     for i in range(count):
-        if TABLE:
-            kb = tl.load(tab_kb + ent_base + i)
-            bits = tl.load(tab_bits + ent_base + i)
-            row_ok = ((bits >> (qb_rows - qb_lo)) & 1) != 0
-        else:
-            kb = start + i * step
-            if MASKED:
-                row_ok = _rows_allowed(qb_rows, kb, local, stride, shift, dense, CAUSAL)
+        kb, row_ok = _segment_block(i, start, step, ent_base, tab_kb, tab_bits, qb_rows, qb_lo, local, stride,
+                                    shift, dense, CAUSAL, MASKED, TABLE)
         for sub in tl.static_range(BLOCK // BLOCK_N):
             k_pos = kb * BLOCK + sub * BLOCK_N + offs_n
             kv_mask = (k_pos < len_k)[:, None] & d_ok[None, :]
             k = tl.load(k_base + k_pos[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
             s = _dot(q, tl.trans(k), UPCAST) * qk_scale
             if MASKED:
-                ok = row_ok[:, None] & (k_pos < len_k)[None, :]
-                if CAUSAL:
-                    ok = ok & (k_pos[None, :] <= q_pos[:, None])
-                s = tl.where(ok, s, float("-inf"))
+                s = tl.where(_tile_ok(row_ok, q_pos, k_pos, len_k, CAUSAL), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_use)
@@ -264,14 +281,8 @@ def _dq_segment(
 ):
     d_ok = offs_d < HEAD_DIM
     for i in range(count):
-        if TABLE:
-            kb = tl.load(tab_kb + ent_base + i)
-            bits = tl.load(tab_bits + ent_base + i)
-            row_ok = ((bits >> (qb_rows - qb_lo)) & 1) != 0
-        else:
-            kb = start + i * step
-            if MASKED:
-                row_ok = _rows_allowed(qb_rows, kb, local, stride, shift, dense, CAUSAL)
+        kb, row_ok = _segment_block(i, start, step, ent_base, tab_kb, tab_bits, qb_rows, qb_lo, local, stride,
+                                    shift, dense, CAUSAL, MASKED, TABLE)
         for sub in tl.static_range(BLOCK // BLOCK_N):
             k_pos = kb * BLOCK + sub * BLOCK_N + offs_n
             kv_mask = (k_pos < len_k)[:, None] & d_ok[None, :]
@@ -280,10 +291,7 @@ def _dq_segment(
             s = _dot(q, tl.trans(k), UPCAST) * qk_scale
             p = tl.exp2(s - lse2[:, None])
             if MASKED:
-                ok = row_ok[:, None] & (k_pos < len_k)[None, :]
-                if CAUSAL:
-                    ok = ok & (k_pos[None, :] <= q_pos[:, None])
-                p = tl.where(ok, p, 0.0)
+                p = tl.where(_tile_ok(row_ok, q_pos, k_pos, len_k, CAUSAL), p, 0.0)
             dp = _dot(do, tl.trans(v), UPCAST)
             ds = p * (dp - delta[:, None])
             dq += _dot(ds.to(k.dtype), k, UPCAST)
