@@ -21,11 +21,12 @@ Everything the kernels need arrives as plain tensors and integers.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .launch import interpreting
 
 _LOG2E = 1.4426950408889634
 
@@ -157,10 +158,6 @@ def _padded(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs every dimension >= 16
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def decode_attention(
     q: torch.Tensor,
     k_pages: torch.Tensor,
@@ -216,7 +213,7 @@ def decode_attention(
         stride_mq = block_mask.stride(1)
     dst_out, dst_lse = (out, lse) if splits == 1 else (partial_out, partial_lse)
     stride_os = 0 if splits == 1 else partial_out.stride(2)
-    upcast = _interpreting() and q.dtype == torch.bfloat16
+    upcast = interpreting() and q.dtype == torch.bfloat16
     precision = "ieee" if (q.dtype == torch.float32 or upcast) else "tf32"
     _decode_split_kernel[(batch, kv_heads, splits)](
         q, k_pages, v_pages, page_table, seq_lens, slots, first, dense, mask_arg, dst_out, dst_lse,
