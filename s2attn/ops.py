@@ -97,8 +97,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dlse):
     q, k, v, cu_q, cu_k, *tables, out, lse = ctx.saved_tensors
-    if dout.stride(-1) != 1:
-        dout = dout.contiguous()
+    dout = _unit_stride(dout)
     dq, dk, dv = _attention_bwd(dout, dlse, q, k, v, out, lse, cu_q, cu_k, *tables, *ctx.meta)
     return (dq, dk, dv) + (None,) * (_TENSOR_INPUTS - 3 + len(ctx.meta))
 
@@ -106,7 +105,13 @@ def _backward(ctx, dout, dlse):
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    """The kernels take any strides but a unit one along head_dim (views of packed qkv need no copy)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def _kernel_call(q, k, v, pattern, cu_q, cu_k, max_q, max_k, scale, causal, deterministic):
+    q, k, v = (_unit_stride(x) for x in (q, k, v))
     head_dim = q.shape[-1]
     padded = max(16, 1 << (head_dim - 1).bit_length())
     if padded != head_dim:
@@ -127,7 +132,6 @@ def attention(q, k, v, pattern: BlockPattern, *, softmax_scale: float, causal: b
                                    return_lse=return_lse)
     if layout == "bhsd":
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     out, lse = _kernel_call(q, k, v, pattern, None, None, q.shape[1], k.shape[1], softmax_scale, causal,
                             deterministic)
     if layout == "bhsd":
@@ -142,7 +146,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
     if not use_kernel(q):
         return reference_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, pattern, softmax_scale=softmax_scale,
                                           causal=causal, return_lse=return_lse)
-    q, k, v = (x.unsqueeze(0) if x.stride(-1) == 1 else x.contiguous().unsqueeze(0) for x in (q, k, v))
+    q, k, v = (x.unsqueeze(0) for x in (q, k, v))
     out, lse = _kernel_call(q, k, v, pattern, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                             softmax_scale, causal, deterministic)
     out = out[0]

@@ -142,14 +142,10 @@ def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, row
     t = tiles("dkdv", block, head_dim, use_table, q.element_size())
     q_tiles = triton.cdiv(max_q, t.block_m) + 1
     n_kb = triton.cdiv(max_k, block)
-    if deterministic:
-        chunk, table_splits, rule_splits = 1 << 30, 1, 1
-    elif use_table:
-        longest = int((cols[0][1:] - cols[0][:-1]).max()) if cols[0].numel() > 1 else 0
-        chunk, table_splits, rule_splits = DKDV_CHUNK, max(1, triton.cdiv(longest, DKDV_CHUNK)), 1
-    else:
-        chunk = max(DKDV_CHUNK, triton.cdiv(q_tiles, DKDV_SPLITS))
-        table_splits, rule_splits = 1, triton.cdiv(q_tiles, chunk)
+    # a column holds at most q_tiles query tiles: the split count follows from the shapes (no sync)
+    chunk = 1 << 30 if deterministic else max(DKDV_CHUNK, triton.cdiv(q_tiles, DKDV_SPLITS))
+    splits = triton.cdiv(q_tiles, chunk)
+    table_splits, rule_splits = (splits, 1) if use_table else (1, splits)
     # split columns add up in fp32: phase 0 stores the base (or, with split tables, adds onto zeros)
     if table_splits > 1:
         dk, dv = (torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (k, v))

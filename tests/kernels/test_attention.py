@@ -185,11 +185,15 @@ def test_deterministic_backward_is_bit_identical():
         assert torch.equal(a, b)
 
 
-def test_split_columns_match_unsplit(monkeypatch):
-    """Long vertical columns split across programs (atomics) equal the single-program result."""
+@pytest.mark.parametrize("as_mask", [False, True])
+def test_split_columns_match_unsplit(monkeypatch, as_mask):
+    """Long vertical columns split across programs (atomics) equal the single-program result,
+    for the closed-form rule (phase 1) and for its mask twin through the tables (split phase 0)."""
     monkeypatch.setattr(launch, "DKDV_CHUNK", 1)
     monkeypatch.setattr(launch, "DKDV_SPLITS", 64)
-    pattern = local_stride(2, 4096, 16, local_blocks=1, vert_stride=4, num_dense_heads=1)
+    pattern = local_stride(2, 389, 16, local_blocks=1, vert_stride=4, num_dense_heads=1)
+    if as_mask:
+        pattern = from_mask(pattern.block_mask(389), 16)
     q, k, v = make_qkv(1, 389, 389, 2, 2, 32, torch.float32)
     split = check(q, k, v, pattern)
     single = check(q, k, v, pattern, deterministic=True)
