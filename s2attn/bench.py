@@ -104,11 +104,9 @@ def _flex_block_mask(pattern: BlockPattern, seqlen: int, device):
         idx = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True).to(torch.int32)[None]
         return num, idx
 
-    token_layout = layout
-
     def mask_mod(b, h, q_idx, kv_idx):
-        hh = h if token_layout.shape[0] > 1 else 0
-        return token_layout[hh, q_idx // B, kv_idx // B] & (q_idx >= kv_idx)
+        hh = h if layout.shape[0] > 1 else 0
+        return layout[hh, q_idx // B, kv_idx // B] & (q_idx >= kv_idx)
 
     num, idx = csr(partial)
     full_num, full_idx = csr(full)
