@@ -22,6 +22,19 @@ from .validation import check_attention_inputs, check_varlen_inputs
 Output = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
+def _autocast(q: object, k: object, v: object) -> tuple:
+    """Inside ``torch.autocast``, attention runs in the autocast dtype, as PyTorch SDPA does (a model's
+    rotary embedding otherwise hands fp32 queries to an fp32 kernel, many times slower)."""
+    xs = (q, k, v)
+    if not all(isinstance(x, torch.Tensor) and x.dtype in (torch.float16, torch.bfloat16, torch.float32) for x in xs):
+        return xs  # validation names what is wrong
+    device = q.device.type
+    if not torch.is_autocast_enabled(device):
+        return xs
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(x.to(dtype) for x in xs)
+
+
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -52,12 +65,14 @@ def sparse_attention(
     PyTorch reference.
 
     Dtypes: q, k, v all fp16, bf16 or fp32 (computed in fp32), or fp64 on the CPU (computed in fp64).
-    All tensors on one device.
+    Inside ``torch.autocast``, fp16 / bf16 / fp32 inputs are cast to the autocast dtype first (as
+    SDPA does). All tensors on one device.
 
     Returns:
         ``out`` with the shape and dtype of ``q``; with ``return_lse``, ``(out, lse)`` where ``lse`` is
         ``(batch, heads, seqlen_q)`` in fp32 (fp64 for fp64 inputs), ``-inf`` on rows with no key.
     """
+    q, k, v = _autocast(q, k, v)
     check_attention_inputs(q, k, v, pattern, softmax_scale=softmax_scale, causal=causal, layout=layout,
                            return_lse=return_lse)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
@@ -97,6 +112,7 @@ def sparse_attention_varlen(
         ``out (total_q, heads, head_dim)`` like ``q``; with ``return_lse``, ``(out, lse)`` with
         ``lse (heads, total_q)`` in fp32 (fp64 for fp64 inputs).
     """
+    q, k, v = _autocast(q, k, v)
     check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, pattern,
                         softmax_scale=softmax_scale, causal=causal, return_lse=return_lse)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)

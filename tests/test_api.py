@@ -52,6 +52,21 @@ def test_sparse_attention_returns_out_only_by_default():
     torch.testing.assert_close(out, reference_attention(q, k, v, pattern()))
 
 
+def test_autocast_runs_in_the_autocast_dtype():
+    """As SDPA: fp32 inputs inside torch.autocast are attended in the autocast dtype; grads flow back in fp32."""
+    p = pattern()
+    q, k, v = (x.requires_grad_() for x in qkv())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sparse_attention(q, k, v, p)
+        packed = sparse_attention_varlen(q[0], k[0], v[0], torch.tensor([0, 45], dtype=torch.int32),
+                                         torch.tensor([0, 70], dtype=torch.int32), 45, 70, p)
+    assert out.dtype == packed.dtype == torch.bfloat16
+    ref = reference_attention(*(x.detach().bfloat16().double() for x in (q, k, v)), p)
+    assert rel_err(out, ref) < 1e-2 and rel_err(packed, ref[0]) < 1e-2
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.float32 and q.grad.abs().sum() > 0
+
+
 def test_varlen_matches_reference():
     p = pattern()
     cu_q = torch.tensor([0, 9, 9, 40], dtype=torch.int32)
