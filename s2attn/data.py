@@ -11,7 +11,11 @@ Tasks:
   the end; the loss is on the key's digits (the last tokens of the sequence).
 * ``mqar``: multi-query associative recall: ``key:value`` pairs fill the context, then a
   query section repeats some keys; the loss is on the values of the queries.
-* ``mix``: each sequence is one of the two, at random.
+* ``copy``: random lowercase words in which, half of the time, the next span repeats an earlier
+  span from anywhere before it; the loss is on the repeated tokens. Predicting them needs
+  content-based look-up at every distance (induction), the mechanism passkey retrieval uses,
+  with hundreds of supervised tokens per sequence instead of five.
+* ``mix``: each sequence is one of the three, at random.
 * ``text``: random windows of local text files; the loss is on every token.
 """
 
@@ -26,7 +30,7 @@ import torch
 
 VOCAB_SIZE = 256
 IGNORE = -100
-TASKS = ("passkey", "mqar", "mix", "text")
+TASKS = ("passkey", "mqar", "copy", "mix", "text")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 QUESTION = " What is the pass key? The pass key is "
 
@@ -96,6 +100,28 @@ def mqar_sample(seq_len: int, rng: random.Random, num_queries: int = 64, key_len
     return encode(text), supervised
 
 
+def copy_sample(seq_len: int, rng: random.Random, span: tuple[int, int] = (8, 48)) -> tuple[list[int], list[bool]]:
+    """One copy-task sequence of exactly ``seq_len`` tokens; returns ``(ids, supervised)``.
+
+    Spans of ``span`` tokens alternate at random between fresh random words and copies of an
+    earlier span starting anywhere in the sequence so far; ``supervised`` marks the copies'
+    tokens after their first (which is not predictable)."""
+    ids: list[int] = []
+    supervised: list[bool] = []
+    while len(ids) < seq_len:
+        n = rng.randint(*span)
+        if len(ids) > n and rng.random() < 0.5:
+            start = rng.randrange(len(ids) - n)
+            ids += ids[start : start + n]
+            supervised += [False] + [True] * (n - 1)
+        else:
+            words = " ".join("".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 7)))
+                             for _ in range(n))
+            ids += encode(" " + words)[:n]
+            supervised += [False] * n
+    return ids[:seq_len], supervised[:seq_len]
+
+
 class TextFiles:
     """Random windows of the concatenation of local text files (bytes, separated by a blank line)."""
 
@@ -120,12 +146,15 @@ class TextFiles:
 def sample(task: str, seq_len: int, rng: random.Random, text: TextFiles | None = None) -> tuple[list[int], list[int]]:
     """One sequence ``(ids, labels)`` of ``task`` (see :data:`TASKS`)."""
     if task == "mix":
-        task = rng.choice(("passkey", "mqar"))
+        task = rng.choice(("passkey", "mqar", "copy"))
     if task == "passkey":
         ids, n = passkey_sample(seq_len, rng.random(), rng)
         return ids, [IGNORE] * (seq_len - n) + ids[-n:]
     if task == "mqar":
         ids, sup = mqar_sample(seq_len, rng, num_queries=min(64, max(1, seq_len // 64)))
+        return ids, [t if s else IGNORE for t, s in zip(ids, sup)]
+    if task == "copy":
+        ids, sup = copy_sample(seq_len, rng)
         return ids, [t if s else IGNORE for t, s in zip(ids, sup)]
     if task == "text":
         if text is None:
@@ -145,5 +174,5 @@ def batches(task: str, batch_size: int, seq_len: int, seed: int = 0,
                torch.tensor([r[1] for r in rows], dtype=torch.int64))
 
 
-__all__ = ["FILLER", "IGNORE", "TASKS", "TextFiles", "VOCAB_SIZE", "batches", "decode", "encode", "mqar_sample",
-           "passkey_sample", "sample"]
+__all__ = ["FILLER", "IGNORE", "TASKS", "TextFiles", "VOCAB_SIZE", "batches", "copy_sample", "decode", "encode",
+           "mqar_sample", "passkey_sample", "sample"]

@@ -26,6 +26,7 @@ from . import data
 from .models import hhst_config, tiny_llama
 
 VARIANTS = ("dense", "hhst", "homo")
+LOSSES = ("answer", "all")
 CSV_FIELDS = ("variant", "step", "tokens", "loss", "answer_acc", "lr", "elapsed_s")
 
 
@@ -143,7 +144,7 @@ def train_variant(variant: str, args: argparse.Namespace, out: Path, writer, tex
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr)
         with autocast:
-            result = model(input_ids=ids, labels=labels)
+            result = model(input_ids=ids, labels=ids if args.loss == "all" else labels)
         result.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -238,6 +239,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--variants", default="dense,hhst,homo", help=f"comma-separated, from {','.join(VARIANTS)}")
     p.add_argument("--task", default="mix", choices=data.TASKS, help="synthetic task (ignored with --data)")
     p.add_argument("--data", nargs="+", metavar="PATH", help="local text files to train on (task 'text')")
+    p.add_argument("--loss", default="answer", choices=LOSSES,
+                   help="train on the answer tokens only, or next-token loss on all tokens (answer accuracy is "
+                        "measured on the answer tokens either way)")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=8)
@@ -265,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "train_log.csv"
     rows = []
-    with open(log_path, "w", newline="") as f:
+    with open(log_path, "w", newline="", buffering=1) as f:  # line-buffered: a live log
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
         for variant in variants:

@@ -48,6 +48,19 @@ def test_mqar_needs_room():
         data.mqar_sample(100, random.Random(0), num_queries=64)
 
 
+@pytest.mark.parametrize("seq_len", [1, 300, 2049])
+def test_copy_sample(seq_len):
+    ids, supervised = data.copy_sample(seq_len, random.Random(seq_len))
+    assert len(ids) == len(supervised) == seq_len
+    # every supervised run, with the unsupervised token before it, repeats a span that started earlier
+    runs = re.finditer(r"01+", "".join("1" if s else "0" for s in supervised))
+    spans = [(m.start(), m.end()) for m in runs]
+    assert seq_len < 300 or len(spans) > 3
+    for a, b in spans:
+        copied = ids[a:b]
+        assert any(ids[j : j + len(copied)] == copied for j in range(a - len(copied) + 1)), (a, b)
+
+
 def test_batches_and_labels():
     stream = data.batches("mix", 4, 300, seed=3)
     ids, labels = next(stream)

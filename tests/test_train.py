@@ -67,6 +67,19 @@ def test_train_on_text_files(tmp_path):
     assert summary["args"]["task"] == "text" and len(summary["results"]) == 1
 
 
+def test_loss_on_all_tokens(tmp_path):
+    """--loss all trains on next-token loss everywhere: a different loss from the answer tokens' alone."""
+    first = {}
+    for loss in ("answer", "all"):
+        out = tmp_path / loss
+        assert train.main([*TOY, "--variants", "dense", "--steps", "1", "--task", "copy", "--loss", loss,
+                           "--out", str(out)]) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["args"]["loss"] == loss
+        first[loss] = summary["results"][0]["final_loss"]
+    assert first["answer"] != first["all"]
+
+
 def test_bad_arguments_are_named(tmp_path):
     with pytest.raises(SystemExit, match="--variants"):
         train.main([*TOY, "--variants", "dense,sparse", "--out", str(tmp_path)])
