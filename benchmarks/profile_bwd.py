@@ -8,7 +8,6 @@ on one kernel before anything is tuned.
 """
 
 import argparse
-import itertools
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -46,22 +45,27 @@ def kernel_times(seqlen, heads=32, dim=128, reps=3):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seqlens", default="32768,131072")
+    ap.add_argument("--only", default="", help="comma-separated substrings: run the variants whose name has one")
     a = ap.parse_args()
     T = launch.Tiles
+    default_splits = launch.DKDV_SPLITS
     variants = [("default", {}, None)]
-    for (bm, w, st), chunk in itertools.product([(64, 4, 3), (32, 4, 3), (64, 8, 2), (32, 8, 3)], [None]):
-        variants.append((f"dkdv bm{bm} w{w} s{st}", {"dkdv": T(bm, 64, w, st)}, chunk))
-    for splits in (4, 64):
+    for bm, w, st in [(64, 4, 3), (32, 4, 3), (64, 8, 2), (32, 8, 3)]:
+        variants.append((f"dkdv bm{bm} w{w} s{st}", {"dkdv": T(bm, 64, w, st)}, None))
+    for splits in (2, 8):
         variants.append((f"splits{splits}", {}, splits))
-    variants.append(("dq bm128 w8 s2", {"dq": T(128, 64, 8, 2)}, None))
-    variants.append(("dq bm64 w8 s3", {"dq": T(64, 64, 8, 3)}, None))
+    variants.append(("dq bm128 w8 s3", {"dq": T(128, 64, 8, 3)}, None))
+    for bm, w, st in [(128, 8, 4), (128, 8, 2), (128, 4, 3), (64, 4, 4)]:
+        variants.append((f"fwd bm{bm} w{w} s{st}", {"fwd": T(bm, 64, w, st)}, None))
+    wanted = [x for x in a.only.split(",") if x]
+    variants = [v for v in variants if not wanted or any(x in v[0] for x in wanted)]
     print("| seqlen | variant | fwd | dq | dkdv | other | bwd total |")
     print("|---|---|---|---|---|---|---|")
     for seqlen in [int(s) for s in a.seqlens.split(",")]:
         for name, tiles, splits in variants:
             launch.TILE_OVERRIDES.clear()
             launch.TILE_OVERRIDES.update(tiles)
-            launch.DKDV_SPLITS = splits or 16
+            launch.DKDV_SPLITS = splits or default_splits
             try:
                 t = kernel_times(seqlen)
                 bwd = t.get("_attn_bwd_dq", 0) + t.get("_attn_bwd_dkdv", 0) + t["other"]
