@@ -163,33 +163,52 @@ def _tile_ok(row_ok, q_pos, k_pos, len_k, CAUSAL: tl.constexpr):
 
 # --------------------------------------------------------------------------- forward
 @triton.jit
+def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, q_pos, k_pos, offs_d, len_k, qk_scale, row_ok,
+              HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr):
+    """Online-softmax update of the accumulators with one tile of keys at positions ``k_pos``."""
+    kv_mask = (k_pos < len_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    k = tl.load(k_base + k_pos[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+    s = _dot(q, tl.trans(k), UPCAST) * qk_scale
+    if MASKED:
+        s = tl.where(_tile_ok(row_ok, q_pos, k_pos, len_k, CAUSAL), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_base + k_pos[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _fwd_segment(
     acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs,
     q_pos, qb_rows, offs_n, offs_d, len_k, qk_scale,
     start, step, count, ent_base, tab_kb, tab_bits, qb_lo,
     local, stride, shift, dense,
     BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-    MASKED: tl.constexpr, TABLE: tl.constexpr, UPCAST: tl.constexpr,
+    MASKED: tl.constexpr, TABLE: tl.constexpr, UPCAST: tl.constexpr, PAIRS: tl.constexpr = False,
 ):
-    d_ok = offs_d < HEAD_DIM
+    """The key blocks ``start + i * step`` (or table entries), ``i < count``. With ``PAIRS`` (unmasked
+    segments, ``BLOCK_N == BLOCK``), two blocks of the segment, wherever they lie, make one tile of
+    ``2 * BLOCK`` keys: half the iterations, twice the matrix size."""
+    if PAIRS:
+        offs_2 = tl.arange(0, 2 * BLOCK)
+        pair_off = (offs_2 // BLOCK) * (step * BLOCK) + offs_2 % BLOCK
+        for i in range(count // 2):
+            k_pos = (start + 2 * i * step) * BLOCK + pair_off
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, q_pos, k_pos, offs_d,
+                                      len_k, qk_scale, q_pos >= 0, HEAD_DIM, CAUSAL, False, UPCAST)
+        start += (count - count % 2) * step
+        count = count % 2
     for i in range(count):
         kb, row_ok = _segment_block(i, start, step, ent_base, tab_kb, tab_bits, qb_rows, qb_lo, local, stride,
                                     shift, dense, CAUSAL, MASKED, TABLE)
         for sub in tl.static_range(BLOCK // BLOCK_N):
             k_pos = kb * BLOCK + sub * BLOCK_N + offs_n
-            kv_mask = (k_pos < len_k)[:, None] & d_ok[None, :]
-            k = tl.load(k_base + k_pos[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-            s = _dot(q, tl.trans(k), UPCAST) * qk_scale
-            if MASKED:
-                s = tl.where(_tile_ok(row_ok, q_pos, k_pos, len_k, CAUSAL), s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_use)
-            p = tl.exp2(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + k_pos[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
-            m_i = m_new
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, q_pos, k_pos, offs_d,
+                                      len_k, qk_scale, row_ok, HEAD_DIM, CAUSAL, MASKED, UPCAST)
     return acc, m_i, l_i
 
 
@@ -202,7 +221,7 @@ def _attn_fwd(
     local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous, pattern_heads,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, TABLE: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr,
+    CAUSAL: tl.constexpr, TABLE: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr, PAIRS: tl.constexpr,
 ):
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -248,13 +267,14 @@ def _attn_fwd(
         rule = (0, tab_kb, tab_bits, qb_lo, local, stride, shift, dense)
         a_step = tl.where(dense, 1, stride)
         acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, *common,
-                                     a0, a_step, an, *rule, BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, False, False, UPCAST)
+                                     a0, a_step, an, *rule, BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, False, False, UPCAST,
+                                     PAIRS)
         acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, *common,
                                      b_lo, 1, b_hi - b_lo + 1, *rule, BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, True, False,
                                      UPCAST)
         acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, *common,
                                      c_lo, 1, c_hi - c_lo + 1, *rule, BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, False, False,
-                                     UPCAST)
+                                     UPCAST, PAIRS)
         acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, *common,
                                      d_lo, 1, d_hi - d_lo + 1, *rule, BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, True, False,
                                      UPCAST)

@@ -30,6 +30,7 @@ class Tiles:
     block_n: int
     num_warps: int
     num_stages: int
+    pairs: bool = False  # forward: unmasked key blocks two at a time (needs block_n == pattern block)
 
 
 def interpreting() -> bool:
@@ -111,7 +112,8 @@ def forward(q, k, v, *, cu_q, cu_k, max_q, max_k, rule, rows, block, scale, caus
         max_q, max_k, heads // k.shape[2], n_tiles, scale * LOG2E, *rule,
         BLOCK=block, BLOCK_M=t.block_m, BLOCK_N=t.block_n, HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim), CAUSAL=causal, TABLE=use_table, VARLEN=varlen,
-        UPCAST=_upcast(q.dtype), num_warps=t.num_warps, num_stages=t.num_stages,
+        UPCAST=_upcast(q.dtype), PAIRS=t.pairs and t.block_n == block, num_warps=t.num_warps,
+        num_stages=t.num_stages,
     )
     return out, lse
 

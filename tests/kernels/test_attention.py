@@ -201,6 +201,18 @@ def test_split_columns_match_unsplit(monkeypatch, as_mask):
         assert rel_err(a, b.double()) <= 1e-5
 
 
+@pytest.mark.parametrize("block", [16, 64])
+@pytest.mark.parametrize("causal", [True, False])
+def test_forward_key_block_pairs(monkeypatch, block, causal):
+    """Unmasked key blocks taken two at a time (vertical ones stride apart, window ones adjacent,
+    dense heads' consecutive ones), with an odd one left over in some query tiles."""
+    monkeypatch.setitem(launch.TILE_OVERRIDES, "fwd", launch.Tiles(64, block, 4, 1, pairs=True))
+    seq = 21 * block + 5
+    pattern = local_stride(4, 4096, block, local_blocks=2, vert_stride=2, num_kv_heads=2, num_dense_heads=1,
+                           causal=causal)
+    check(*make_qkv(1, seq, seq, 4, 2, 32, torch.float32), pattern)
+
+
 @pytest.mark.parametrize("dtype, grad_tol", [(torch.float16, None), (torch.bfloat16, 0.3)])
 def test_large_scores_stay_finite(dtype, grad_tol):
     """Scores around 1e3-1e4 (large activations): the online softmax neither overflows nor NaNs,
