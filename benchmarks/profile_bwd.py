@@ -59,6 +59,7 @@ def main():
         variants.append((f"fwd bm{bm} w{w} s{st}", {"fwd": T(bm, 64, w, st)}, None))
     for bm, w, st in [(128, 8, 3), (128, 8, 2)]:
         variants.append((f"fwd pairs bm{bm} w{w} s{st}", {"fwd": T(bm, 64, w, st, pairs=True)}, None))
+    variants.append(("dq pairs bm128 w8 s2", {"dq": T(128, 64, 8, 2, pairs=True)}, None))
     wanted = [x for x in a.only.split(",") if x]
     variants = [v for v in variants if not wanted or any(x in v[0] for x in wanted)]
     print("| seqlen | variant | fwd | dq | dkdv | other | bwd total |")

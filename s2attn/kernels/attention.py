@@ -161,34 +161,46 @@ def _tile_ok(row_ok, q_pos, k_pos, len_k, CAUSAL: tl.constexpr):
     return ok
 
 
-# --------------------------------------------------------------------------- forward
+# --------------------------------------------------------------------------- query-major: forward and dQ
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, q_pos, k_pos, offs_d, len_k, qk_scale, row_ok,
-              HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr):
-    """Online-softmax update of the accumulators with one tile of keys at positions ``k_pos``."""
+def _row_tile(acc, m_i, l_i, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, q_pos, k_pos, offs_d, len_k,
+              qk_scale, row_ok, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+              UPCAST: tl.constexpr, BACKWARD: tl.constexpr):
+    """One tile of keys at positions ``k_pos`` against the query tile. Forward: online-softmax update
+    of ``(acc, m_i, l_i)``. Backward: ``acc += dS @ K`` (dQ), with P recomputed from ``lse2``."""
     kv_mask = (k_pos < len_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
     k = tl.load(k_base + k_pos[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
     s = _dot(q, tl.trans(k), UPCAST) * qk_scale
-    if MASKED:
-        s = tl.where(_tile_ok(row_ok, q_pos, k_pos, len_k, CAUSAL), s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_use)
-    p = tl.exp2(s - m_use[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_base + k_pos[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
-    return acc, m_new, l_i
+    if BACKWARD:
+        v = tl.load(v_base + k_pos[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        p = tl.exp2(s - lse2[:, None])
+        if MASKED:
+            p = tl.where(_tile_ok(row_ok, q_pos, k_pos, len_k, CAUSAL), p, 0.0)
+        dp = _dot(do, tl.trans(v), UPCAST)
+        ds = p * (dp - delta[:, None])
+        acc += _dot(ds.to(k.dtype), k, UPCAST)
+    else:
+        if MASKED:
+            s = tl.where(_tile_ok(row_ok, q_pos, k_pos, len_k, CAUSAL), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + k_pos[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+        m_i = m_new
+    return acc, m_i, l_i
 
 
 @triton.jit
-def _fwd_segment(
-    acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs,
+def _row_segment(
+    acc, m_i, l_i, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs,
     q_pos, qb_rows, offs_n, offs_d, len_k, qk_scale,
     start, step, count, ent_base, tab_kb, tab_bits, qb_lo,
     local, stride, shift, dense,
     BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-    MASKED: tl.constexpr, TABLE: tl.constexpr, UPCAST: tl.constexpr, PAIRS: tl.constexpr = False,
+    MASKED: tl.constexpr, TABLE: tl.constexpr, UPCAST: tl.constexpr, BACKWARD: tl.constexpr, PAIRS: tl.constexpr,
 ):
     """The key blocks ``start + i * step`` (or table entries), ``i < count``. With ``PAIRS`` (unmasked
     segments, ``BLOCK_N == BLOCK``), two blocks of the segment, wherever they lie, make one tile of
@@ -198,8 +210,9 @@ def _fwd_segment(
         pair_off = (offs_2 // BLOCK) * (step * BLOCK) + offs_2 % BLOCK
         for i in range(count // 2):
             k_pos = (start + 2 * i * step) * BLOCK + pair_off
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, q_pos, k_pos, offs_d,
-                                      len_k, qk_scale, q_pos >= 0, HEAD_DIM, CAUSAL, False, UPCAST)
+            acc, m_i, l_i = _row_tile(acc, m_i, l_i, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, q_pos,
+                                      k_pos, offs_d, len_k, qk_scale, q_pos >= 0, HEAD_DIM, CAUSAL, False, UPCAST,
+                                      BACKWARD)
         start += (count - count % 2) * step
         count = count % 2
     for i in range(count):
@@ -207,8 +220,78 @@ def _fwd_segment(
                                     shift, dense, CAUSAL, MASKED, TABLE)
         for sub in tl.static_range(BLOCK // BLOCK_N):
             k_pos = kb * BLOCK + sub * BLOCK_N + offs_n
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, q_pos, k_pos, offs_d,
-                                      len_k, qk_scale, row_ok, HEAD_DIM, CAUSAL, MASKED, UPCAST)
+            acc, m_i, l_i = _row_tile(acc, m_i, l_i, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, q_pos,
+                                      k_pos, offs_d, len_k, qk_scale, row_ok, HEAD_DIM, CAUSAL, MASKED, UPCAST,
+                                      BACKWARD)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _query_tile(cu_q, cu_k, b, seqlen_q, seqlen_k, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_D: tl.constexpr, VARLEN: tl.constexpr):
+    """This program's query tile (the longest, last in a causal sequence, launch first): sequence
+    bounds, whether the tile exists, absolute positions, packed row indices and the row x head-dim
+    mask of its queries."""
+    q_start, k_start, len_q, len_k = _seq_bounds(cu_q, cu_k, b, seqlen_q, seqlen_k, VARLEN)
+    q_off = len_k - len_q
+    tile = (len_k - 1) // BLOCK_M - tl.program_id(0)
+    q_pos = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = q_start + q_pos - q_off
+    row_ok = (q_pos >= q_off) & (q_pos < len_k)
+    io_mask = row_ok[:, None] & (tl.arange(0, BLOCK_D) < HEAD_DIM)[None, :]
+    return k_start, len_k, tile, tile >= q_off // BLOCK_M, q_pos, rows, row_ok, io_mask
+
+
+@triton.jit
+def _load_rows(base, rows, stride_s, io_mask, BLOCK_D: tl.constexpr):
+    return tl.load(base + rows[:, None] * stride_s + tl.arange(0, BLOCK_D)[None, :], mask=io_mask, other=0.0)
+
+
+@triton.jit
+def _query_tile_pass(
+    q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, q_pos, len_k, qk_scale, h, tile, n_tiles,
+    tab_ptr, tab_kb, tab_bits,
+    local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous, pattern_heads,
+    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, TABLE: tl.constexpr, UPCAST: tl.constexpr, BACKWARD: tl.constexpr, PAIRS: tl.constexpr,
+):
+    """Every key block the query tile reads: the table row, or the rule's five segments (unmasked
+    vertical; masked window edge; unmasked window; masked diagonal; bidirectional: masked vertical
+    right of the window). Returns ``(acc, m_i, l_i)``; backward: ``(dq, -, -)``."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    qb_rows = q_pos // BLOCK
+    qb_lo = (tile * BLOCK_M) // BLOCK
+    qb_hi = tl.minimum(tile * BLOCK_M + BLOCK_M - 1, len_k - 1) // BLOCK
+    n_kb = tl.cdiv(len_k, BLOCK)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    state = (q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, q_pos, qb_rows, offs_n, offs_d, len_k, qk_scale)
+    consts = (BLOCK, BLOCK_N, HEAD_DIM, CAUSAL)
+    if TABLE:
+        row = (h % pattern_heads) * n_tiles + tile
+        ent = tl.load(tab_ptr + row)
+        cnt = tl.load(tab_ptr + row + 1) - ent
+        acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, 0, 1, cnt, ent, tab_kb, tab_bits, qb_lo, 1, 1, 0, False,
+                                     *consts, True, True, UPCAST, BACKWARD, False)
+    else:
+        shift, dense = _head_rule(h, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous)
+        a0, an, b_lo, b_hi, c_lo, c_hi, d_lo, d_hi, e0, en = _row_segments(
+            qb_lo, qb_hi, n_kb, local, stride, shift, dense, CAUSAL)
+        rule = (0, tab_kb, tab_bits, qb_lo, local, stride, shift, dense)
+        a_step = tl.where(dense, 1, stride)
+        acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, a0, a_step, an, *rule,
+                                     *consts, False, False, UPCAST, BACKWARD, PAIRS)
+        acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, b_lo, 1, b_hi - b_lo + 1, *rule,
+                                     *consts, True, False, UPCAST, BACKWARD, False)
+        acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, c_lo, 1, c_hi - c_lo + 1, *rule,
+                                     *consts, False, False, UPCAST, BACKWARD, PAIRS)
+        acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, d_lo, 1, d_hi - d_lo + 1, *rule,
+                                     *consts, True, False, UPCAST, BACKWARD, False)
+        if not CAUSAL:
+            acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, e0, stride, en, *rule,
+                                         *consts, True, False, UPCAST, BACKWARD, False)
     return acc, m_i, l_i
 
 
@@ -225,97 +308,24 @@ def _attn_fwd(
 ):
     h = tl.program_id(1)
     b = tl.program_id(2)
-    q_start, k_start, len_q, len_k = _seq_bounds(cu_q, cu_k, b, seqlen_q, seqlen_k, VARLEN)
-    q_off = len_k - len_q
-    # the longest tiles (last in a causal sequence) launch first
-    tile = (len_k - 1) // BLOCK_M - tl.program_id(0)
-    if tile < q_off // BLOCK_M:
+    k_start, len_k, tile, exists, q_pos, rows, row_ok, io_mask = _query_tile(
+        cu_q, cu_k, b, seqlen_q, seqlen_k, BLOCK_M, HEAD_DIM, BLOCK_D, VARLEN)
+    if not exists:
         return
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    q_pos = tile * BLOCK_M + offs_m
-    q_row = q_pos - q_off
-    row_ok = (q_row >= 0) & (q_row < len_q)
-    d_ok = offs_d < HEAD_DIM
-    q_ptrs = Q + b * stride_qb + (q_start + q_row)[:, None] * stride_qs + h * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, rows, stride_qs, io_mask, BLOCK_D)
     kvh = h // heads_per_kv
-    k_base = K + b * stride_kb + k_start * stride_ks + kvh * stride_kh
-    v_base = V + b * stride_vb + k_start * stride_vs + kvh * stride_vh
-
-    qb_rows = q_pos // BLOCK
-    qb_lo = (tile * BLOCK_M) // BLOCK
-    qb_hi = tl.minimum(tile * BLOCK_M + BLOCK_M - 1, len_k - 1) // BLOCK
-    n_kb = tl.cdiv(len_k, BLOCK)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    common = (q_pos, qb_rows, offs_n, offs_d, len_k, qk_scale)
-    if TABLE:
-        ph = h % pattern_heads
-        row = ph * n_tiles + tile
-        ent = tl.load(tab_ptr + row)
-        cnt = tl.load(tab_ptr + row + 1) - ent
-        acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, *common,
-                                     0, 1, cnt, ent, tab_kb, tab_bits, qb_lo, 1, 1, 0, False,
-                                     BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, True, True, UPCAST)
-    else:
-        shift, dense = _head_rule(h, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous)
-        a0, an, b_lo, b_hi, c_lo, c_hi, d_lo, d_hi, e0, en = _row_segments(
-            qb_lo, qb_hi, n_kb, local, stride, shift, dense, CAUSAL)
-        rule = (0, tab_kb, tab_bits, qb_lo, local, stride, shift, dense)
-        a_step = tl.where(dense, 1, stride)
-        acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, *common,
-                                     a0, a_step, an, *rule, BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, False, False, UPCAST,
-                                     PAIRS)
-        acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, *common,
-                                     b_lo, 1, b_hi - b_lo + 1, *rule, BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, True, False,
-                                     UPCAST)
-        acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, *common,
-                                     c_lo, 1, c_hi - c_lo + 1, *rule, BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, False, False,
-                                     UPCAST, PAIRS)
-        acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, *common,
-                                     d_lo, 1, d_hi - d_lo + 1, *rule, BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, True, False,
-                                     UPCAST)
-        if not CAUSAL:
-            acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, *common,
-                                         e0, stride, en, *rule, BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, True, False, UPCAST)
+    acc, m_i, l_i = _query_tile_pass(
+        q, q, 0.0, 0.0, K + b * stride_kb + k_start * stride_ks + kvh * stride_kh,
+        V + b * stride_vb + k_start * stride_vs + kvh * stride_vh, stride_ks, stride_vs, q_pos, len_k, qk_scale,
+        h, tile, n_tiles, tab_ptr, tab_kb, tab_bits,
+        local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous, pattern_heads,
+        BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, CAUSAL, TABLE, UPCAST, False, PAIRS)
     nonempty = l_i > 0.0
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
     lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
-    o_ptrs = O + b * stride_ob + (q_start + q_row)[:, None] * stride_os + h * stride_oh + offs_d[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + b * stride_lb + h * stride_lh + (q_start + q_row) * stride_ls, lse, mask=row_ok)
-
-
-# --------------------------------------------------------------------------- backward: dQ
-@triton.jit
-def _dq_segment(
-    dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs,
-    q_pos, qb_rows, offs_n, offs_d, len_k, qk_scale,
-    start, step, count, ent_base, tab_kb, tab_bits, qb_lo,
-    local, stride, shift, dense,
-    BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-    MASKED: tl.constexpr, TABLE: tl.constexpr, UPCAST: tl.constexpr,
-):
-    d_ok = offs_d < HEAD_DIM
-    for i in range(count):
-        kb, row_ok = _segment_block(i, start, step, ent_base, tab_kb, tab_bits, qb_rows, qb_lo, local, stride,
-                                    shift, dense, CAUSAL, MASKED, TABLE)
-        for sub in tl.static_range(BLOCK // BLOCK_N):
-            k_pos = kb * BLOCK + sub * BLOCK_N + offs_n
-            kv_mask = (k_pos < len_k)[:, None] & d_ok[None, :]
-            k = tl.load(k_base + k_pos[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_base + k_pos[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
-            s = _dot(q, tl.trans(k), UPCAST) * qk_scale
-            p = tl.exp2(s - lse2[:, None])
-            if MASKED:
-                p = tl.where(_tile_ok(row_ok, q_pos, k_pos, len_k, CAUSAL), p, 0.0)
-            dp = _dot(do, tl.trans(v), UPCAST)
-            ds = p * (dp - delta[:, None])
-            dq += _dot(ds.to(k.dtype), k, UPCAST)
-    return dq
+    o_ptrs = O + b * stride_ob + rows[:, None] * stride_os + h * stride_oh + tl.arange(0, BLOCK_D)[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=io_mask)
+    tl.store(LSE + b * stride_lb + h * stride_lh + rows * stride_ls, lse, mask=row_ok)
 
 
 @triton.jit
@@ -328,75 +338,34 @@ def _attn_bwd_dq(
     local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous, pattern_heads,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, TABLE: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr,
+    CAUSAL: tl.constexpr, TABLE: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr, PAIRS: tl.constexpr,
     HAS_DLSE: tl.constexpr,
 ):
-    """dQ, query-major like the forward. It also computes and stores delta = rowsum(dO * O) - dlse,
-    the softmax-backward row term the dK/dV kernel (launched after) reads."""
+    """dQ, query-major like the forward (the same pass over key blocks). It also computes and stores
+    delta = rowsum(dO * O) - dlse, the softmax-backward row term the dK/dV kernel (launched after) reads."""
     h = tl.program_id(1)
     b = tl.program_id(2)
-    q_start, k_start, len_q, len_k = _seq_bounds(cu_q, cu_k, b, seqlen_q, seqlen_k, VARLEN)
-    q_off = len_k - len_q
-    tile = (len_k - 1) // BLOCK_M - tl.program_id(0)
-    if tile < q_off // BLOCK_M:
+    k_start, len_k, tile, exists, q_pos, rows, row_ok, io_mask = _query_tile(
+        cu_q, cu_k, b, seqlen_q, seqlen_k, BLOCK_M, HEAD_DIM, BLOCK_D, VARLEN)
+    if not exists:
         return
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    q_pos = tile * BLOCK_M + offs_m
-    q_row = q_pos - q_off
-    row_ok = (q_row >= 0) & (q_row < len_q)
-    d_ok = offs_d < HEAD_DIM
-    io_mask = row_ok[:, None] & d_ok[None, :]
-    rows = q_start + q_row
-    q = tl.load(Q + b * stride_qb + rows[:, None] * stride_qs + h * stride_qh + offs_d[None, :], mask=io_mask,
-                other=0.0)
-    do = tl.load(DO + b * stride_dob + rows[:, None] * stride_dos + h * stride_doh + offs_d[None, :],
-                 mask=io_mask, other=0.0)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, rows, stride_qs, io_mask, BLOCK_D)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh, rows, stride_dos, io_mask, BLOCK_D)
+    o = _load_rows(O + b * stride_ob + h * stride_oh, rows, stride_os, io_mask, BLOCK_D)
     lse_ptrs = b * stride_lb + h * stride_lh + rows * stride_ls
     lse2 = _load_lse2(LSE + lse_ptrs, row_ok)
-    o = tl.load(O + b * stride_ob + rows[:, None] * stride_os + h * stride_oh + offs_d[None, :], mask=io_mask,
-                other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DLSE:
         delta -= tl.load(DLSE + lse_ptrs, mask=row_ok, other=0.0)
     tl.store(DELTA + lse_ptrs, delta, mask=row_ok)
     kvh = h // heads_per_kv
-    k_base = K + b * stride_kb + k_start * stride_ks + kvh * stride_kh
-    v_base = V + b * stride_vb + k_start * stride_vs + kvh * stride_vh
-
-    qb_rows = q_pos // BLOCK
-    qb_lo = (tile * BLOCK_M) // BLOCK
-    qb_hi = tl.minimum(tile * BLOCK_M + BLOCK_M - 1, len_k - 1) // BLOCK
-    n_kb = tl.cdiv(len_k, BLOCK)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    common = (q_pos, qb_rows, offs_n, offs_d, len_k, qk_scale)
-    state = (q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs)
-    if TABLE:
-        ph = h % pattern_heads
-        row = ph * n_tiles + tile
-        ent = tl.load(tab_ptr + row)
-        cnt = tl.load(tab_ptr + row + 1) - ent
-        dq = _dq_segment(dq, *state, *common, 0, 1, cnt, ent, tab_kb, tab_bits, qb_lo, 1, 1, 0, False,
-                         BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, True, True, UPCAST)
-    else:
-        shift, dense = _head_rule(h, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous)
-        a0, an, b_lo, b_hi, c_lo, c_hi, d_lo, d_hi, e0, en = _row_segments(
-            qb_lo, qb_hi, n_kb, local, stride, shift, dense, CAUSAL)
-        rule = (0, tab_kb, tab_bits, qb_lo, local, stride, shift, dense)
-        a_step = tl.where(dense, 1, stride)
-        dq = _dq_segment(dq, *state, *common, a0, a_step, an, *rule,
-                         BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, False, False, UPCAST)
-        dq = _dq_segment(dq, *state, *common, b_lo, 1, b_hi - b_lo + 1, *rule,
-                         BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, True, False, UPCAST)
-        dq = _dq_segment(dq, *state, *common, c_lo, 1, c_hi - c_lo + 1, *rule,
-                         BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, False, False, UPCAST)
-        dq = _dq_segment(dq, *state, *common, d_lo, 1, d_hi - d_lo + 1, *rule,
-                         BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, True, False, UPCAST)
-        if not CAUSAL:
-            dq = _dq_segment(dq, *state, *common, e0, stride, en, *rule,
-                             BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, True, False, UPCAST)
-    dq_ptrs = DQ + b * stride_dqb + rows[:, None] * stride_dqs + h * stride_dqh + offs_d[None, :]
+    dq, _, _ = _query_tile_pass(
+        q, do, lse2, delta, K + b * stride_kb + k_start * stride_ks + kvh * stride_kh,
+        V + b * stride_vb + k_start * stride_vs + kvh * stride_vh, stride_ks, stride_vs, q_pos, len_k, qk_scale,
+        h, tile, n_tiles, tab_ptr, tab_kb, tab_bits,
+        local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous, pattern_heads,
+        BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, CAUSAL, TABLE, UPCAST, True, PAIRS)
+    dq_ptrs = DQ + b * stride_dqb + rows[:, None] * stride_dqs + h * stride_dqh + tl.arange(0, BLOCK_D)[None, :]
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=io_mask)
 
 

@@ -30,7 +30,7 @@ class Tiles:
     block_n: int
     num_warps: int
     num_stages: int
-    pairs: bool = False  # forward: unmasked key blocks two at a time (needs block_n == pattern block)
+    pairs: bool = False  # forward / dQ: unmasked key blocks two at a time (needs block_n == pattern block)
 
 
 def interpreting() -> bool:
@@ -137,8 +137,8 @@ def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, row
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
         *_strides(do, varlen), *_strides(dq, varlen), *lse_strides,
         max_q, max_k, heads // kv_heads, triton.cdiv(max_k, t.block_m), scale * LOG2E, scale, *rule,
-        BLOCK_M=t.block_m, BLOCK_N=t.block_n, HAS_DLSE=dlse is not None, num_warps=t.num_warps,
-        num_stages=t.num_stages, **common,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, PAIRS=t.pairs and t.block_n == block, HAS_DLSE=dlse is not None,
+        num_warps=t.num_warps, num_stages=t.num_stages, **common,
     )
 
     t = tiles("dkdv", block, head_dim, use_table, q.element_size())
