@@ -203,9 +203,9 @@ def _row_segment(
     MASKED: tl.constexpr, TABLE: tl.constexpr, UPCAST: tl.constexpr, BACKWARD: tl.constexpr, PAIRS: tl.constexpr,
 ):
     """The key blocks ``start + i * step`` (or table entries), ``i < count``. With ``PAIRS`` (unmasked
-    segments, ``BLOCK_N == BLOCK``), two blocks of the segment, wherever they lie, make one tile of
-    ``2 * BLOCK`` keys: half the iterations, twice the matrix size."""
-    if PAIRS:
+    segments; only when ``BLOCK_N == BLOCK``, else ignored), two blocks of the segment, wherever they
+    lie, make one tile of ``2 * BLOCK`` keys: half the iterations, twice the matrix size."""
+    if PAIRS and BLOCK_N == BLOCK:
         offs_2 = tl.arange(0, 2 * BLOCK)
         pair_off = (offs_2 // BLOCK) * (step * BLOCK) + offs_2 % BLOCK
         for i in range(count // 2):

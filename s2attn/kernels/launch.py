@@ -30,7 +30,7 @@ class Tiles:
     block_n: int
     num_warps: int
     num_stages: int
-    pairs: bool = False  # forward / dQ: unmasked key blocks two at a time (needs block_n == pattern block)
+    pairs: bool = False  # forward / dQ: unmasked key blocks two at a time (when block_n == pattern block)
 
 
 def interpreting() -> bool:
@@ -112,8 +112,7 @@ def forward(q, k, v, *, cu_q, cu_k, max_q, max_k, rule, rows, block, scale, caus
         max_q, max_k, heads // k.shape[2], n_tiles, scale * LOG2E, *rule,
         BLOCK=block, BLOCK_M=t.block_m, BLOCK_N=t.block_n, HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim), CAUSAL=causal, TABLE=use_table, VARLEN=varlen,
-        UPCAST=_upcast(q.dtype), PAIRS=t.pairs and t.block_n == block, num_warps=t.num_warps,
-        num_stages=t.num_stages,
+        UPCAST=_upcast(q.dtype), PAIRS=t.pairs, num_warps=t.num_warps, num_stages=t.num_stages,
     )
     return out, lse
 
@@ -137,7 +136,7 @@ def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, row
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
         *_strides(do, varlen), *_strides(dq, varlen), *lse_strides,
         max_q, max_k, heads // kv_heads, triton.cdiv(max_k, t.block_m), scale * LOG2E, scale, *rule,
-        BLOCK_M=t.block_m, BLOCK_N=t.block_n, PAIRS=t.pairs and t.block_n == block, HAS_DLSE=dlse is not None,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, PAIRS=t.pairs, HAS_DLSE=dlse is not None,
         num_warps=t.num_warps, num_stages=t.num_stages, **common,
     )
 
