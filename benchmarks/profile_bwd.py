@@ -17,7 +17,7 @@ from s2attn.kernels import launch
 from s2attn.patterns import local_stride
 
 
-def kernel_times(seqlen, heads=32, dim=128, reps=3):
+def kernel_times(seqlen, heads=32, dim=128, reps=3, show_all=False):
     pat = local_stride(heads, seqlen, 64, 8, 16)
     q, k, v = (torch.randn(1, seqlen, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
@@ -38,6 +38,9 @@ def kernel_times(seqlen, heads=32, dim=128, reps=3):
             if name.startswith(kname):
                 times[kname] = times.get(kname, 0) + e.device_time_total / reps / 1e3
     other = sum(e.device_time_total for e in prof.key_averages()) / reps / 1e3 - sum(times.values())
+    if show_all:  # every kernel, to pin down the time outside our three
+        for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:12]:
+            print(f"  {e.device_time_total / reps / 1e3:8.2f} ms  x{e.count // reps:<3} {e.key[:90]}")
     times["other"] = other
     return times
 
@@ -46,6 +49,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seqlens", default="32768,131072")
     ap.add_argument("--only", default="", help="comma-separated substrings: run the variants whose name has one")
+    ap.add_argument("--all-kernels", action="store_true", help="list every kernel's time under each variant")
     a = ap.parse_args()
     T = launch.Tiles
     default_splits = launch.DKDV_SPLITS
@@ -70,7 +74,7 @@ def main():
             launch.TILE_OVERRIDES.update(tiles)
             launch.DKDV_SPLITS = splits or default_splits
             try:
-                t = kernel_times(seqlen)
+                t = kernel_times(seqlen, show_all=a.all_kernels)
                 bwd = t.get("_attn_bwd_dq", 0) + t.get("_attn_bwd_dkdv", 0) + t["other"]
                 print(f"| {seqlen} | {name} | {t.get('_attn_fwd', 0):.2f} | {t.get('_attn_bwd_dq', 0):.2f} | "
                       f"{t.get('_attn_bwd_dkdv', 0):.2f} | {t['other']:.2f} | {bwd:.2f} |", flush=True)
