@@ -268,13 +268,12 @@ def _query_tile_pass(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     state = (q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, q_pos, qb_rows, offs_n, offs_d, len_k, qk_scale)
-    consts = (BLOCK, BLOCK_N, HEAD_DIM, CAUSAL)
     if TABLE:
         row = (h % pattern_heads) * n_tiles + tile
         ent = tl.load(tab_ptr + row)
         cnt = tl.load(tab_ptr + row + 1) - ent
         acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, 0, 1, cnt, ent, tab_kb, tab_bits, qb_lo, 1, 1, 0, False,
-                                     *consts, True, True, UPCAST, BACKWARD, False)
+                                     BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, True, True, UPCAST, BACKWARD, False)
     else:
         shift, dense = _head_rule(h, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous)
         a0, an, b_lo, b_hi, c_lo, c_hi, d_lo, d_hi, e0, en = _row_segments(
@@ -282,16 +281,16 @@ def _query_tile_pass(
         rule = (0, tab_kb, tab_bits, qb_lo, local, stride, shift, dense)
         a_step = tl.where(dense, 1, stride)
         acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, a0, a_step, an, *rule,
-                                     *consts, False, False, UPCAST, BACKWARD, PAIRS)
+                                     BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, False, False, UPCAST, BACKWARD, PAIRS)
         acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, b_lo, 1, b_hi - b_lo + 1, *rule,
-                                     *consts, True, False, UPCAST, BACKWARD, False)
+                                     BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, True, False, UPCAST, BACKWARD, False)
         acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, c_lo, 1, c_hi - c_lo + 1, *rule,
-                                     *consts, False, False, UPCAST, BACKWARD, PAIRS)
+                                     BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, False, False, UPCAST, BACKWARD, PAIRS)
         acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, d_lo, 1, d_hi - d_lo + 1, *rule,
-                                     *consts, True, False, UPCAST, BACKWARD, False)
+                                     BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, True, False, UPCAST, BACKWARD, False)
         if not CAUSAL:
             acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, e0, stride, en, *rule,
-                                         *consts, True, False, UPCAST, BACKWARD, False)
+                                         BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, True, False, UPCAST, BACKWARD, False)
     return acc, m_i, l_i
 
 
@@ -374,11 +373,14 @@ def _attn_bwd_dq(
 def _dkdv_segment(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos, stride_ls,
     k_pos, kb, offs_m, offs_d, q_off, len_q, qk_scale,
-    start, count, ent_base, tab_tile, tab_bits,
+    start, count, ent_base, tab_tile, tab_bits, open_lo,
     local, stride, shift, dense,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-    MASKED: tl.constexpr, TABLE: tl.constexpr, UPCAST: tl.constexpr,
+    MASK: tl.constexpr, TABLE: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    """Query tiles ``start + i`` (or table entries), ``i < count``, against one key tile: dk, dv updated.
+    MASK 0: none; 1: the block rule of key block ``kb`` (or the entry's bits) and causality; 2: key row
+    ``r`` only from query tile ``open_lo[r]`` on (long columns side by side)."""
     d_ok = offs_d < HEAD_DIM
     for i in range(count):
         if TABLE:
@@ -396,7 +398,7 @@ def _dkdv_segment(
         # transposed scores: keys along rows, queries along columns
         st = _dot(k, tl.trans(q), UPCAST) * qk_scale
         pt = tl.exp2(st - lse2[None, :])
-        if MASKED:
+        if MASK == 1:
             qb_rows = q_pos // BLOCK
             if TABLE:
                 bits = tl.load(tab_bits + ent_base + i)
@@ -407,6 +409,8 @@ def _dkdv_segment(
             if CAUSAL:
                 ok = ok & (k_pos[:, None] <= q_pos[None, :])
             pt = tl.where(ok, pt, 0.0)
+        elif MASK == 2:
+            pt = tl.where((open_lo <= tile)[:, None], pt, 0.0)
         dv += _dot(pt.to(do.dtype), do, UPCAST)
         dpt = _dot(v, tl.trans(do), UPCAST)
         dst = pt * (dpt - delta[None, :])
@@ -415,157 +419,186 @@ def _dkdv_segment(
 
 
 @triton.jit
-def _col_segments(kb, q_tile_lo, q_tile_hi, local, stride, shift, dense,
-                  BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
-    """Query tiles reading key block ``kb``: (masked_lo, masked_hi, open_lo, open_hi), inclusive,
-    clipped to [q_tile_lo, q_tile_hi]. The open range needs no mask (fully allowed)."""
-    everyone = dense | (((kb + shift) % stride) == 0)
+def _col_masked(kb, q_tile_lo, q_tile_hi, local, stride, shift, dense,
+                BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """Query tiles that read key block ``kb`` only in part, ``(lo, hi)`` inclusive and clipped, and
+    whether ``kb`` is a long column: on the head's vertical stride (or of a dense head), read in full
+    by every query tile past its diagonal (causal) or by all of them. Those full tiles are the long
+    pass's (:func:`_attn_bwd_dkdv_long`); a short column's tiles are all here."""
+    long = dense | (((kb + shift) % stride) == 0)
     if CAUSAL:
-        m_lo = (kb * BLOCK) // BLOCK_M
-        if everyone:
-            m_hi = (kb * BLOCK + BLOCK - 1) // BLOCK_M
-            o_lo = m_hi + 1
-            o_hi = q_tile_hi
-        else:
-            m_hi = ((kb + local) * BLOCK - 1) // BLOCK_M
-            o_lo = q_tile_hi + 1
-            o_hi = q_tile_hi
+        lo = (kb * BLOCK) // BLOCK_M
+        hi = tl.where(long, (kb * BLOCK + BLOCK - 1) // BLOCK_M, ((kb + local) * BLOCK - 1) // BLOCK_M)
     else:
-        if everyone:
-            m_lo = q_tile_lo
-            m_hi = q_tile_lo - 1
-            o_lo = q_tile_lo
-            o_hi = q_tile_hi
-        else:
-            m_lo = ((kb - local + 1) * BLOCK) // BLOCK_M
-            m_hi = ((kb + local) * BLOCK - 1) // BLOCK_M
-            o_lo = q_tile_hi + 1
-            o_hi = q_tile_hi
-    m_lo = tl.maximum(m_lo, q_tile_lo)
-    m_hi = tl.minimum(m_hi, q_tile_hi)
-    o_lo = tl.maximum(o_lo, q_tile_lo)
-    return m_lo, m_hi, o_lo, o_hi
+        lo = ((kb - local + 1) * BLOCK) // BLOCK_M
+        hi = tl.where(long, lo - 1, ((kb + local) * BLOCK - 1) // BLOCK_M)
+    return tl.maximum(lo, q_tile_lo), tl.minimum(hi, q_tile_hi), long
 
 
 @triton.jit
-def _dkdv_head(
-    dk, dv, k, v, h, b, k_pos, kb, split, chunk, with_masked, q_start, q_off, len_q, q_tile_lo, q_tile_hi,
-    Q, DO, LSE, DELTA, tab_ptr, tab_tile, tab_bits,
-    stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh, stride_ls,
-    n_kblocks, qk_scale,
-    local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous, pattern_heads,
-    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-    CAUSAL: tl.constexpr, TABLE: tl.constexpr, UPCAST: tl.constexpr,
+def _long_col_ptrs(PART, b, k_start, c, h, in_blk, offs_d, n_heads, part_cols, part_stride,
+                   BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr):
+    """Rows ``in_blk`` of long column ``c`` (scalar or per row) of head ``h`` in the fp32 partial sums
+    ``PART (rows, heads, BLOCK, BLOCK_D)``. Sequence ``b``'s columns start at row ``b * part_cols``; a
+    packed sequence's at ``k_start // (BLOCK * part_stride) + 2 * b``, which leaves room for each
+    sequence's ``cdiv(n_blocks, part_stride)`` columns with no per-sequence table."""
+    if VARLEN:
+        base = k_start // (BLOCK * part_stride) + 2 * b
+    else:
+        base = b * part_cols
+    row = ((base + c).to(tl.int64) * n_heads + h) * BLOCK + in_blk
+    return PART + row[:, None] * BLOCK_D + offs_d[None, :]
+
+
+@triton.jit
+def _attn_bwd_dkdv_long(
+    Q, K, V, DO, LSE, DELTA, PART_K, PART_V, cu_q, cu_k,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh, stride_lb, stride_lh, stride_ls,
+    seqlen_q, seqlen_k, heads_per_kv, n_heads, qk_scale, chunk, n_splits, part_cols, part_stride,
+    local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous,
+    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, COLS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr, ATOMIC: tl.constexpr,
 ):
-    """Accumulate query head ``h``'s contribution to one key tile: its masked query tiles (when
-    ``with_masked``) and the ``split``-th chunk of ``chunk`` tiles of its fully allowed ones."""
-    offs_m = tl.arange(0, BLOCK_M)
+    """The long columns' share of dK and dV (rule path), as fp32 partial sums the dK/dV kernel adds.
+
+    Long columns hold most of the backward's work (a vertical block is read by every later query
+    tile) in few, long, unmasked runs. ``COLS`` of one head's columns, ``stride`` blocks apart, sit
+    side by side in one key tile of ``BLOCK_N`` rows (a big block is cut into ``BLOCK // BLOCK_N``
+    tiles instead), so the matrix products are as wide as a dense kernel's whatever the pattern's
+    block; until the tile's last column opens, rows of columns not yet open are masked. Program
+    ``(tile, head x split)`` takes the ``split``-th chunk of ``chunk`` query tiles: the long columns
+    do not run alone at the end. With one chunk it stores, else it adds atomically (zeroed PART)."""
+    h = tl.program_id(1) // n_splits
+    split = tl.program_id(1) % n_splits
+    b = tl.program_id(2)
+    q_start, k_start, len_q, len_k = _seq_bounds(cu_q, cu_k, b, seqlen_q, seqlen_k, VARLEN)
+    ROWS: tl.constexpr = BLOCK_N // COLS  # rows of one column in the tile
+    NSUB: tl.constexpr = BLOCK // ROWS
+    group = tl.program_id(0) // NSUB
+    shift, dense = _head_rule(h, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous)
+    first = _first_congruent(0, stride, shift)
+    if tl.where(dense, group * COLS, first + group * COLS * stride) * BLOCK >= len_k:
+        return
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    c = group * COLS + offs_n // ROWS
+    kb = tl.where(dense, c, first + c * stride)
+    in_blk = (tl.program_id(0) % NSUB) * ROWS + offs_n % ROWS
+    k_pos = kb * BLOCK + in_blk
+    q_off = len_k - len_q
+    q_tile_lo = q_off // BLOCK_M
+    q_tile_hi = (len_k - 1) // BLOCK_M
+    if CAUSAL:
+        open_lo = tl.maximum((kb * BLOCK + BLOCK - 1) // BLOCK_M + 1, q_tile_lo)
+    else:
+        open_lo = kb * 0 + q_tile_lo
+    lo = tl.min(open_lo, 0) + split * chunk
+    hi = tl.minimum(lo + chunk, q_tile_hi + 1)
+    all_open = tl.max(open_lo, 0)
+    kv_mask = (k_pos < len_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    kvh = h // heads_per_kv
+    k = _load_rows(K + b * stride_kb + kvh * stride_kh, k_start + k_pos, stride_ks, kv_mask, BLOCK_D)
+    v = _load_rows(V + b * stride_vb + kvh * stride_vh, k_start + k_pos, stride_vs, kv_mask, BLOCK_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    offs_m = tl.arange(0, BLOCK_M)
     state = (Q + b * stride_qb + q_start * stride_qs + h * stride_qh,
              DO + b * stride_dob + q_start * stride_dos + h * stride_doh,
              LSE + b * stride_lb + h * stride_lh + q_start * stride_ls,
              DELTA + b * stride_lb + h * stride_lh + q_start * stride_ls,
              stride_qs, stride_dos, stride_ls, k_pos, kb, offs_m, offs_d, q_off, len_q, qk_scale)
-    work = 0
-    if TABLE:
-        col = (h % pattern_heads) * n_kblocks + kb
-        ent = tl.load(tab_ptr + col)
-        cnt = tl.load(tab_ptr + col + 1) - ent
-        lo = tl.minimum(split * chunk, cnt)
-        n = tl.minimum(cnt - lo, chunk)
-        work += n
-        dk, dv = _dkdv_segment(dk, dv, k, v, *state, 0, n, ent + lo, tab_tile, tab_bits, 1, 1, 0, False,
-                               BLOCK, BLOCK_M, HEAD_DIM, CAUSAL, True, True, UPCAST)
+    rule = (0, Q, Q, open_lo, local, stride, shift, dense)
+    masked_hi = tl.minimum(hi, all_open)
+    dk, dv = _dkdv_segment(dk, dv, k, v, *state, lo, masked_hi - lo, *rule, BLOCK, BLOCK_M, HEAD_DIM, CAUSAL,
+                           2, False, UPCAST)
+    open_start = tl.maximum(lo, all_open)
+    dk, dv = _dkdv_segment(dk, dv, k, v, *state, open_start, hi - open_start, *rule, BLOCK, BLOCK_M, HEAD_DIM,
+                           CAUSAL, 0, False, UPCAST)
+    where = (b, k_start, c, h, in_blk, offs_d, n_heads, part_cols, part_stride)
+    if ATOMIC:
+        if lo < hi:
+            tl.atomic_add(_long_col_ptrs(PART_K, *where, BLOCK, BLOCK_D, VARLEN), dk, mask=kv_mask)
+            tl.atomic_add(_long_col_ptrs(PART_V, *where, BLOCK, BLOCK_D, VARLEN), dv, mask=kv_mask)
     else:
-        shift, dense = _head_rule(h, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous)
-        m_lo, m_hi, o_lo, o_hi = _col_segments(kb, q_tile_lo, q_tile_hi, local, stride, shift, dense,
-                                               BLOCK, BLOCK_M, CAUSAL)
-        rule = (tab_tile, tab_bits, local, stride, shift, dense)
-        if with_masked:
-            work += tl.maximum(m_hi - m_lo + 1, 0)
-            dk, dv = _dkdv_segment(dk, dv, k, v, *state, m_lo, m_hi - m_lo + 1, 0, *rule,
-                                   BLOCK, BLOCK_M, HEAD_DIM, CAUSAL, True, False, UPCAST)
-        lo = o_lo + split * chunk
-        n = tl.minimum(o_hi - lo + 1, chunk)
-        work += tl.maximum(n, 0)
-        dk, dv = _dkdv_segment(dk, dv, k, v, *state, lo, n, 0, *rule,
-                               BLOCK, BLOCK_M, HEAD_DIM, CAUSAL, False, False, UPCAST)
-    return dk, dv, work
+        tl.store(_long_col_ptrs(PART_K, *where, BLOCK, BLOCK_D, VARLEN), dk, mask=kv_mask)
+        tl.store(_long_col_ptrs(PART_V, *where, BLOCK, BLOCK_D, VARLEN), dv, mask=kv_mask)
 
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, DK, DV, LSE, DELTA, cu_q, cu_k, tab_ptr, tab_tile, tab_bits,
+    Q, K, V, DO, DK, DV, LSE, DELTA, PART_K, PART_V, cu_q, cu_k, tab_ptr, tab_tile, tab_bits,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
     stride_lb, stride_lh, stride_ls,
-    seqlen_q, seqlen_k, heads_per_kv, n_kblocks, qk_scale, sm_scale, chunk, n_splits,
+    seqlen_q, seqlen_k, heads_per_kv, n_heads, n_kblocks, qk_scale, sm_scale, chunk, n_splits, part_cols,
+    part_stride,
     local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous, pattern_heads,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, TABLE: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr,
-    ATOMIC: tl.constexpr, PHASE: tl.constexpr,
+    ATOMIC: tl.constexpr,
 ):
-    """dK and dV, balanced in two phases.
+    """dK and dV of one key tile for one kv head: every query head of its group.
 
-    A key block on a vertical stride (or of a dense head) is read by every later query tile,
-    one inside the local window by only a few: one program per key tile would leave the long
-    columns running alone at the end.
-    PHASE 0: program (key tile, kv head [x split, tables only]) does every query head of the
-    group: its masked tiles and the first ``chunk`` fully allowed ones.
-    PHASE 1 (rules only): program (j, query head x split >= 1) takes the j-th long column of that
-    head and its ``split``-th chunk. With more than one chunk, results add atomically into fp32.
-    """
+    Tables: the column's entries, the ``split``-th chunk of ``chunk`` of them; with more than one
+    chunk, results add atomically into fp32. Rule: the query tiles that read the key block only in
+    part (window, diagonal), plus a long column's partial sums from :func:`_attn_bwd_dkdv_long`;
+    every element is then stored once, in the output dtype."""
+    pid_n = tl.program_id(0)
+    kvh = tl.program_id(1) // n_splits
+    split = tl.program_id(1) % n_splits
     b = tl.program_id(2)
     q_start, k_start, len_q, len_k = _seq_bounds(cu_q, cu_k, b, seqlen_q, seqlen_k, VARLEN)
+    if pid_n * BLOCK_N >= len_k:
+        return
     q_off = len_k - len_q
     q_tile_lo = q_off // BLOCK_M
     q_tile_hi = (len_k - 1) // BLOCK_M
-    NSUB: tl.constexpr = BLOCK // BLOCK_N
-    if PHASE == 0:
-        pid_n = tl.program_id(0)
-        kvh = tl.program_id(1) // n_splits
-        split = tl.program_id(1) % n_splits
-        first_head = kvh * heads_per_kv
-        n_heads = heads_per_kv
-    else:
-        h = tl.program_id(1) // (n_splits - 1)
-        split = tl.program_id(1) % (n_splits - 1) + 1
-        kvh = h // heads_per_kv
-        first_head = h
-        n_heads = 1
-        shift, dense = _head_rule(h, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous)
-        col = tl.program_id(0) // NSUB
-        kb_col = tl.where(dense, col, _first_congruent(0, stride, shift) + col * stride)
-        pid_n = kb_col * NSUB + tl.program_id(0) % NSUB
-    if pid_n * BLOCK_N >= len_k:
-        return
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_m = tl.arange(0, BLOCK_M)
     k_pos = pid_n * BLOCK_N + offs_n
     kb = (pid_n * BLOCK_N) // BLOCK
-    d_ok = offs_d < HEAD_DIM
-    kv_mask = (k_pos < len_k)[:, None] & d_ok[None, :]
-    k_rows = k_start + k_pos
-    k = tl.load(K + b * stride_kb + k_rows[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :], mask=kv_mask,
-                other=0.0)
-    v = tl.load(V + b * stride_vb + k_rows[:, None] * stride_vs + kvh * stride_vh + offs_d[None, :], mask=kv_mask,
-                other=0.0)
+    kv_mask = (k_pos < len_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    k = _load_rows(K + b * stride_kb + kvh * stride_kh, k_start + k_pos, stride_ks, kv_mask, BLOCK_D)
+    v = _load_rows(V + b * stride_vb + kvh * stride_vh, k_start + k_pos, stride_vs, kv_mask, BLOCK_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     work = 0
-    for i in range(n_heads):
-        dk, dv, w = _dkdv_head(
-            dk, dv, k, v, first_head + i, b, k_pos, kb, split, chunk, PHASE == 0, q_start, q_off, len_q,
-            q_tile_lo, q_tile_hi, Q, DO, LSE, DELTA, tab_ptr, tab_tile, tab_bits,
-            stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh, stride_ls,
-            n_kblocks, qk_scale,
-            local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous, pattern_heads,
-            BLOCK, BLOCK_M, BLOCK_D, HEAD_DIM, CAUSAL, TABLE, UPCAST)
-        work += w
+    for i in range(heads_per_kv):
+        h = kvh * heads_per_kv + i
+        state = (Q + b * stride_qb + q_start * stride_qs + h * stride_qh,
+                 DO + b * stride_dob + q_start * stride_dos + h * stride_doh,
+                 LSE + b * stride_lb + h * stride_lh + q_start * stride_ls,
+                 DELTA + b * stride_lb + h * stride_lh + q_start * stride_ls,
+                 stride_qs, stride_dos, stride_ls, k_pos, kb, offs_m, offs_d, q_off, len_q, qk_scale)
+        if TABLE:
+            col = (h % pattern_heads) * n_kblocks + kb
+            ent = tl.load(tab_ptr + col)
+            cnt = tl.load(tab_ptr + col + 1) - ent
+            lo = tl.minimum(split * chunk, cnt)
+            n = tl.minimum(cnt - lo, chunk)
+            work += n
+            dk, dv = _dkdv_segment(dk, dv, k, v, *state, 0, n, ent + lo, tab_tile, tab_bits, kb, 1, 1, 0, False,
+                                   BLOCK, BLOCK_M, HEAD_DIM, CAUSAL, 1, True, UPCAST)
+        else:
+            shift, dense = _head_rule(h, stride, step, offset, heads_per_group, head_base, sparse_groups,
+                                      homogeneous)
+            m_lo, m_hi, long = _col_masked(kb, q_tile_lo, q_tile_hi, local, stride, shift, dense, BLOCK, BLOCK_M,
+                                         CAUSAL)
+            dk, dv = _dkdv_segment(dk, dv, k, v, *state, m_lo, m_hi - m_lo + 1, 0, tab_tile, tab_bits, kb,
+                                   local, stride, shift, dense, BLOCK, BLOCK_M, HEAD_DIM, CAUSAL, 1, False, UPCAST)
+            if long:
+                c = tl.where(dense, kb, (kb - _first_congruent(0, stride, shift)) // stride)
+                where = (b, k_start, c, h, k_pos - kb * BLOCK, offs_d, n_heads, part_cols, part_stride)
+                dk += tl.load(_long_col_ptrs(PART_K, *where, BLOCK, BLOCK_D, VARLEN), mask=kv_mask, other=0.0)
+                dv += tl.load(_long_col_ptrs(PART_V, *where, BLOCK, BLOCK_D, VARLEN), mask=kv_mask, other=0.0)
+    k_rows = k_start + k_pos
     dk_ptrs = DK + b * stride_dkb + k_rows[:, None] * stride_dks + kvh * stride_dkh + offs_d[None, :]
     dv_ptrs = DV + b * stride_dvb + k_rows[:, None] * stride_dvs + kvh * stride_dvh + offs_d[None, :]
-    if ATOMIC or PHASE == 1:  # phase 0 ran before: its stores are the base these add onto
+    if ATOMIC:
         if work > 0:
             tl.atomic_add(dk_ptrs, dk * sm_scale, mask=kv_mask)
             tl.atomic_add(dv_ptrs, dv, mask=kv_mask)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .attention import LOG2E, _attn_bwd_dkdv, _attn_bwd_dq, _attn_fwd
+from .attention import LOG2E, _attn_bwd_dkdv, _attn_bwd_dkdv_long, _attn_bwd_dq, _attn_fwd
 
 POISON_OUTPUTS = False  # tests set this: outputs start as NaN so an unwritten element fails
 TABLE_BLOCK_M = 64  # query tile of every kernel on the table path (the tables are built for it)
@@ -39,22 +39,24 @@ def interpreting() -> bool:
 
 def tiles(kernel: str, block: int, head_dim: int, table: bool, itemsize: int = 2) -> Tiles:
     """Tile shapes per kernel. Keys are read in tiles of ``min(block, 64)`` so a small pattern block
-    wastes nothing; queries in tiles of 64–128 so small pattern blocks merge (Merge-Q). Rows wider
-    than 512 bytes (fp32 at head_dim 256) take 32-key tiles, unpipelined, to fit shared memory."""
+    wastes nothing (the long-column pass sets blocks side by side instead: 128 keys); queries in
+    tiles of 64–128 so small pattern blocks merge (Merge-Q). Rows wider than 512 bytes (fp32 at
+    head_dim 256) take 32-key tiles, unpipelined, to fit shared memory. Both dK/dV kernels share
+    one query tile (the long pass starts where the other's diagonal tiles end)."""
     if kernel in TILE_OVERRIDES:
         return TILE_OVERRIDES[kernel]
     row_bytes = head_dim * itemsize
     if row_bytes > 512:
         return Tiles(TABLE_BLOCK_M if table else 32, min(block, 32), 4, 1)
-    block_n = min(block, 64)
+    block_n = 128 if kernel == "dkdv_long" and row_bytes <= 256 else min(block, 64)
     wide = head_dim > 128
     if table:
         block_m = TABLE_BLOCK_M
-    elif kernel == "dkdv":  # dK, dV accumulators stay in registers: short query tiles (H100: 73 -> 51 ms)
+    elif kernel.startswith("dkdv"):  # dK, dV accumulators stay in registers: short query tiles (H100: 73 -> 51 ms)
         block_m = 32
     else:
         block_m = 64 if (wide or block < 64) else 128
-    warps = 8 if block_m * max(head_dim, 64) >= 128 * 128 else 4
+    warps = 8 if max(block_m, block_n) * max(head_dim, 64) >= 128 * 128 else 4
     stages = 2 if (wide or (kernel == "dq" and block_m == 128)) else 3
     return Tiles(block_m, block_n, warps, stages)
 
@@ -124,8 +126,9 @@ def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, row
     heads, kv_heads, head_dim = q.shape[2], k.shape[2], q.shape[3]
     use_table, row_table = _table_args(rows, q.device)
     _, col_table = _table_args(cols, q.device)
-    common = dict(BLOCK=block, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), CAUSAL=causal,
-                  TABLE=use_table, VARLEN=varlen, UPCAST=_upcast(q.dtype))
+    block_d = triton.next_power_of_2(head_dim)
+    common = dict(BLOCK=block, HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, VARLEN=varlen,
+                  UPCAST=_upcast(q.dtype))
     lse_strides = _lse_strides(lse, varlen)
     delta = torch.empty_like(lse)  # written by the dQ kernel, read by the dK/dV kernel
 
@@ -136,7 +139,7 @@ def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, row
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
         *_strides(do, varlen), *_strides(dq, varlen), *lse_strides,
         max_q, max_k, heads // kv_heads, triton.cdiv(max_k, t.block_m), scale * LOG2E, scale, *rule,
-        BLOCK_M=t.block_m, BLOCK_N=t.block_n, PAIRS=t.pairs, HAS_DLSE=dlse is not None,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, TABLE=use_table, PAIRS=t.pairs, HAS_DLSE=dlse is not None,
         num_warps=t.num_warps, num_stages=t.num_stages, **common,
     )
 
@@ -146,24 +149,40 @@ def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, row
     # a column holds at most q_tiles query tiles: the split count follows from the shapes (no sync)
     chunk = 1 << 30 if deterministic else max(DKDV_CHUNK, triton.cdiv(q_tiles, DKDV_SPLITS))
     splits = triton.cdiv(q_tiles, chunk)
-    table_splits, rule_splits = (splits, 1) if use_table else (1, splits)
-    # split columns add up in fp32: phase 0 stores the base (or, with split tables, adds onto zeros)
-    if table_splits > 1:
+    atomic = use_table and splits > 1  # split table columns add up in fp32
+    if atomic:
         dk, dv = (torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (k, v))
     else:
-        acc = torch.float32 if rule_splits > 1 else k.dtype
-        dk, dv = _new_like(k, k.shape, acc), _new_like(v, v.shape, acc)
-    args = (q, k, v, do, dk, dv, lse, delta, cu_q, cu_k, *col_table,
-            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
-            *_strides(dk, varlen), *_strides(dv, varlen), *lse_strides,
-            max_q, max_k, heads // kv_heads, n_kb, scale * LOG2E, scale, chunk)
-    meta = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, ATOMIC=table_splits > 1, num_warps=t.num_warps,
-                num_stages=t.num_stages, **common)
-    n_key_tiles = triton.cdiv(max_k, t.block_n)
-    _attn_bwd_dkdv[(n_key_tiles, kv_heads * table_splits, batch)](*args, table_splits, *rule, PHASE=0, **meta)
-    if rule_splits > 1:
-        stride = rule[1]
-        long_cols = n_kb if has_dense else triton.cdiv(n_kb, stride)
-        grid = (long_cols * (block // t.block_n), heads * (rule_splits - 1), batch)
-        _attn_bwd_dkdv[grid](*args, rule_splits, *rule, PHASE=1, **meta)
+        dk, dv = _new_like(k), _new_like(v)
+    seq = (q, k, v, do)
+    strides = [s for x in seq for s in _strides(x, varlen)]
+    # long columns (rule path): their full query tiles first, as fp32 partial sums per query head
+    part_stride = 1 if has_dense else rule[1]
+    part_cols = triton.cdiv(n_kb, part_stride)
+    part_rows = k.shape[1] // (block * part_stride) + 2 * batch if varlen else batch * part_cols
+    if use_table:
+        parts = row_table[:2]
+    else:
+        lt = tiles("dkdv_long", block, head_dim, False, q.element_size())
+        if lt.block_m != t.block_m:
+            raise ValueError(f"tiles: dkdv_long block_m={lt.block_m} must equal dkdv's {t.block_m}")
+        shape = (part_rows, heads, block, block_d)
+        parts = [torch.zeros(shape, dtype=torch.float32, device=q.device) if splits > 1
+                 else _new_like(q, shape, torch.float32) for _ in range(2)]  # atomics add onto zeros
+        cols = max(1, lt.block_n // block)
+        grid = (triton.cdiv(part_cols, cols) * max(1, block // lt.block_n), heads * splits, batch)
+        _attn_bwd_dkdv_long[grid](
+            *seq, lse, delta, *parts, cu_q, cu_k, *strides, *lse_strides,
+            max_q, max_k, heads // kv_heads, heads, scale * LOG2E, chunk, splits, part_cols, part_stride, *rule[:8],
+            BLOCK_M=lt.block_m, BLOCK_N=lt.block_n, COLS=cols, ATOMIC=splits > 1,
+            num_warps=lt.num_warps, num_stages=lt.num_stages, **common,
+        )
+    n_splits = splits if use_table else 1
+    _attn_bwd_dkdv[(triton.cdiv(max_k, t.block_n), kv_heads * n_splits, batch)](
+        *seq, dk, dv, lse, delta, *parts, cu_q, cu_k, *col_table,
+        *strides, *_strides(dk, varlen), *_strides(dv, varlen), *lse_strides,
+        max_q, max_k, heads // kv_heads, heads, n_kb, scale * LOG2E, scale, chunk, n_splits, part_cols, part_stride,
+        *rule, BLOCK_M=t.block_m, BLOCK_N=t.block_n, TABLE=use_table, ATOMIC=atomic, num_warps=t.num_warps,
+        num_stages=t.num_stages, **common,
+    )
     return dq, dk.to(k.dtype), dv.to(v.dtype)

@@ -1,0 +1,154 @@
+"""Compile the training kernels for an H100 (sm_90) on any machine, in the configurations the
+launchers pick, and print what each one uses (registers, spills, shared memory).
+
+    python benchmarks/compile_sm90.py           # every configuration below
+    python benchmarks/compile_sm90.py --quick   # the few that CI compiles
+
+The CPU interpreter runs a kernel as Python and never calls Triton's compiler, so a construct only
+the compiler rejects passes every interpreter test and fails on the GPU (seen: constexpr values
+packed into a tuple and unpacked into a call lose their constexpr-ness). Triton ships ptxas, so
+its whole pipeline down to a cubin runs without a GPU: here the public API runs on CPU tensors
+with every kernel launch intercepted and compiled instead of run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+from s2attn import ops
+from s2attn.patterns import from_mask, local_stride
+
+TARGET = GPUTarget("cuda", 90, 32)
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
+          torch.int64: "i64"}
+
+
+def _scalar_type(x) -> str:
+    if isinstance(x, bool):
+        return "i1"
+    if isinstance(x, int):
+        return "i32" if -(2**31) <= x < 2**31 else "i64"
+    if isinstance(x, float):
+        return "fp32"
+    return "*" + _TYPES[x.dtype]
+
+
+def captured_launches(call) -> list[tuple[JITFunction, tuple, dict]]:
+    """Run ``call()`` with every Triton launch recorded instead of run."""
+    launches = []
+    real = JITFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append((self, args, kwargs))
+
+    JITFunction.run = record
+    try:
+        call()
+    finally:
+        JITFunction.run = real
+    return launches
+
+
+def compile_launch(fn: JITFunction, args: tuple, kwargs: dict):
+    """The launch compiled for sm_90 (no integer specialisation: the general kernel)."""
+    values = dict(zip(fn.arg_names, args)) | kwargs
+    signature, constexprs = {}, {}
+    for i, p in enumerate(fn.params):
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+            constexprs[(i,)] = values[p.name]
+        else:
+            signature[p.name] = _scalar_type(values[p.name])
+    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    return triton.compile(ASTSource(fn, signature, constexprs), target=TARGET, options=options)
+
+
+def ptxas_report(kernel) -> dict:
+    """Registers and spilled bytes per thread (ptxas -v on the kernel's PTX), shared memory per program."""
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(kernel.asm["ptx"])
+        f.flush()
+        log = subprocess.run([PTXAS, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True,
+                             text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores", log)
+    return dict(regs=int(regs.group(1)) if regs else -1, spill=int(spills.group(1)) if spills else 0,
+                smem=kernel.metadata.shared)
+
+
+def _attention(shape, dtype, pattern, **kw):
+    """Forward + backward through the public op on CPU tensors (launches intercepted)."""
+    b, s, h, hk, d = shape
+
+    def call():
+        q = torch.randn(b, s, h, d, dtype=dtype, requires_grad=True)
+        k, v = (torch.randn(b, s, hk, d, dtype=dtype, requires_grad=True) for _ in range(2))
+        out = ops.attention(q, k, v, pattern, softmax_scale=d**-0.5, causal=pattern.causal, layout="bshd",
+                            return_lse=False, **kw)
+        out.backward(torch.randn_like(out))
+
+    return call
+
+
+def configurations(quick: bool):
+    s = 1024
+    yield "default (bf16, d128, block 64)", _attention((1, s, 4, 4, 128), torch.bfloat16, local_stride(4, s, 64, 8, 16))
+    yield "block 16, GQA", _attention((1, s, 4, 2, 128), torch.bfloat16, local_stride(4, s, 16, 32, 16, num_kv_heads=2))
+    yield "mask tables", _attention((1, s, 2, 2, 128), torch.bfloat16,
+                                    from_mask(torch.rand(s // 64, s // 64) < 0.3, 64))
+    if quick:
+        return
+    yield "fp32, d256 (slow to compile: minutes)", _attention((1, s, 2, 2, 256), torch.float32,
+                                                               local_stride(2, s, 64, 2, 4))
+    yield "fp16, d64, block 128", _attention((1, s, 2, 2, 64), torch.float16, local_stride(2, s, 128, 2, 4))
+    yield "bf16, d256", _attention((1, s, 2, 2, 256), torch.bfloat16, local_stride(2, s, 64, 2, 4))
+    yield "bidirectional, dense heads", _attention(
+        (1, s, 4, 2, 128), torch.bfloat16, local_stride(4, s, 64, 2, 4, num_kv_heads=2, num_dense_heads=1,
+                                                        causal=False))
+    yield "deterministic, block 32", _attention((1, s, 2, 2, 128), torch.bfloat16, local_stride(2, s, 32, 4, 8),
+                                                deterministic=True)
+
+
+def main(argv=None) -> int:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        sys.exit("compile_sm90: unset TRITON_INTERPRET (the interpreter never compiles)")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="only the configurations CI compiles")
+    a = ap.parse_args(argv)
+    ops_use_kernel = ops.use_kernel
+    ops.use_kernel = lambda q: True  # CPU tensors, kernels launched (and intercepted)
+    failed = 0
+    print("| configuration | kernel | warps | stages | registers | spilled bytes | shared KiB | compile s |")
+    print("|---|---|---|---|---|---|---|---|")
+    try:
+        for name, call in configurations(a.quick):
+            for fn, args, kwargs in captured_launches(call):
+                t0 = time.time()
+                try:
+                    r = ptxas_report(compile_launch(fn, args, kwargs))
+                except Exception as e:  # report every failing kernel, not just the first
+                    failed += 1
+                    print(f"| {name} | {fn.__name__} | FAILED: {str(e).splitlines()[0][:200]} |", flush=True)
+                    continue
+                print(f"| {name} | {fn.__name__} | {kwargs.get('num_warps')} | {kwargs.get('num_stages')} | "
+                      f"{r['regs']} | {r['spill']} | {r['smem'] / 1024:.0f} | {time.time() - t0:.1f} |", flush=True)
+    finally:
+        ops.use_kernel = ops_use_kernel
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
