@@ -58,7 +58,8 @@ def tiles(kernel: str, block: int, head_dim: int, table: bool, itemsize: int = 2
         block_m = 64 if (wide or block < 64) else 128
     warps = 8 if max(block_m, block_n) * max(head_dim, 64) >= 128 * 128 else 4
     stages = 2 if (wide or (kernel == "dq" and block_m == 128)) else 3
-    return Tiles(block_m, block_n, warps, stages)
+    # unmasked key blocks two at a time (H100, 128k: forward -4.8%, dQ -3.7%)
+    return Tiles(block_m, block_n, warps, stages, pairs=kernel in ("fwd", "dq") and not table)
 
 
 def _new_like(x: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:

@@ -188,7 +188,7 @@ def test_deterministic_backward_is_bit_identical():
 @pytest.mark.parametrize("as_mask", [False, True])
 def test_split_columns_match_unsplit(monkeypatch, as_mask):
     """Long vertical columns split across programs (atomics) equal the single-program result,
-    for the closed-form rule (phase 1) and for its mask twin through the tables (split phase 0)."""
+    for the closed-form rule (the long pass) and for its mask twin through the tables (split columns)."""
     monkeypatch.setattr(launch, "DKDV_CHUNK", 1)
     monkeypatch.setattr(launch, "DKDV_SPLITS", 64)
     pattern = local_stride(2, 389, 16, local_blocks=1, vert_stride=4, num_dense_heads=1)
@@ -203,15 +203,25 @@ def test_split_columns_match_unsplit(monkeypatch, as_mask):
 
 @pytest.mark.parametrize("block", [16, 64])
 @pytest.mark.parametrize("causal", [True, False])
-def test_key_block_pairs(monkeypatch, block, causal):
-    """Forward and dQ taking unmasked key blocks two at a time (vertical ones stride apart, window
-    ones adjacent, dense heads' consecutive ones), with an odd one left over in some query tiles."""
+def test_key_blocks_unpaired(monkeypatch, block, causal):
+    """Forward and dQ one key block at a time (the defaults pair unmasked blocks: vertical ones
+    stride apart, window ones adjacent, dense heads' consecutive ones, odd ones left over)."""
     for kernel in ("fwd", "dq"):
-        monkeypatch.setitem(launch.TILE_OVERRIDES, kernel, launch.Tiles(64, block, 4, 1, pairs=True))
+        monkeypatch.setitem(launch.TILE_OVERRIDES, kernel, launch.Tiles(64, block, 4, 1, pairs=False))
     seq = 21 * block + 5
     pattern = local_stride(4, 4096, block, local_blocks=2, vert_stride=2, num_kv_heads=2, num_dense_heads=1,
                            causal=causal)
     check(*make_qkv(1, seq, seq, 4, 2, 32, torch.float32), pattern)
+
+
+@pytest.mark.parametrize("block_n", [32, 128])
+def test_long_column_tiles(monkeypatch, block_n):
+    """The dK/dV long pass with two columns to a key tile (block_n 128), and with each block cut into
+    two key tiles (block_n 32); a dense head, and kv heads shared by query heads of different
+    vertical offsets (the pattern's groups are single heads)."""
+    monkeypatch.setitem(launch.TILE_OVERRIDES, "dkdv_long", launch.Tiles(32, block_n, 4, 1))
+    pattern = local_stride(4, 4096, 64, local_blocks=2, vert_stride=3, num_dense_heads=1)
+    check(*make_qkv(1, 1100, 1100, 4, 2, 32, torch.float32), pattern)
 
 
 @pytest.mark.parametrize("dtype, grad_tol", [(torch.float16, None), (torch.bfloat16, 0.3)])
