@@ -58,8 +58,10 @@ def tiles(kernel: str, block: int, head_dim: int, table: bool, itemsize: int = 2
         block_m = 64 if (wide or block < 64) else 128
     warps = 8 if max(block_m, block_n) * max(head_dim, 64) >= 128 * 128 else 4
     stages = 2 if (wide or (kernel == "dq" and block_m == 128)) else 3
-    # unmasked key blocks two at a time (H100, 128k: forward -4.8%, dQ -3.7%)
-    return Tiles(block_m, block_n, warps, stages, pairs=kernel in ("fwd", "dq") and not table)
+    # unmasked key blocks two at a time (H100, 128k: forward -4.8%, dQ -3.7%); a doubled key tile of
+    # 512-byte rows (fp32 d128, bf16 d256) would not fit in shared memory
+    pairs = kernel in ("fwd", "dq") and not table and row_bytes <= 256
+    return Tiles(block_m, block_n, warps, stages, pairs)
 
 
 def _new_like(x: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:

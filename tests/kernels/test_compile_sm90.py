@@ -20,4 +20,4 @@ def test_kernels_compile_for_sm90():
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_sm90.py"), "--quick"], env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
-    assert run.stdout.count("| _attn_") >= 11, run.stdout  # every kernel of every configuration compiled
+    assert run.stdout.count("| _attn_") >= 15, run.stdout  # every kernel of every configuration compiled
