@@ -7,8 +7,11 @@ the model shifts them, so ``labels[t]`` is predicted from the tokens before ``t`
 
 Tasks:
 
-* ``passkey``: a 5-digit key hidden at a given depth in repetitive filler text, asked for at
-  the end; the loss is on the key's digits (the last tokens of the sequence).
+* ``passkey``: a key of 5 distinct digits after a cue byte (``" #71593. "``) hidden at a given
+  depth in repetitive filler text, asked for at the end by the cue again (``" #"``); the loss is on
+  the key's digits (the last tokens of the sequence). The cue and the digits occur nowhere else,
+  so one induction head (find the current token earlier, copy what followed it) retrieves the
+  key at any distance: a byte-level look-up needs no multi-byte prefix matching.
 * ``mqar``: multi-query associative recall: ``key:value`` pairs fill the context, then a
   query section repeats some keys; the loss is on the values of the queries.
 * ``copy``: random lowercase words in which, half of the time, the next span repeats an earlier
@@ -32,7 +35,8 @@ VOCAB_SIZE = 256
 IGNORE = -100
 TASKS = ("passkey", "mqar", "copy", "mix", "text")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-QUESTION = " What is the pass key? The pass key is "
+CUE = "#"  # marks the key in the needle and asks for it at the end; not in FILLER
+QUESTION = f" {CUE}"
 
 
 def encode(text: str) -> list[int]:
@@ -53,13 +57,16 @@ def _filler(length: int, rng: random.Random) -> str:
 def passkey_sample(seq_len: int, depth: float, rng: random.Random, digits: int = 5) -> tuple[list[int], int]:
     """One passkey sequence of exactly ``seq_len`` tokens; returns ``(ids, answer_len)``.
 
-    The needle starts after a fraction ``depth`` (0 = start, 1 = just before the question) of the
-    filler; the answer (the key's digits) is the last ``answer_len`` tokens.
+    The needle ``" #<key>. "`` starts after a fraction ``depth`` (0 = start, 1 = just before the
+    question) of the filler; the sequence ends with the question ``" #"`` and the answer (the key's
+    ``digits`` distinct digits), its last ``answer_len`` tokens.
     """
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth={depth}: expected a fraction in [0, 1]")
-    key = "".join(rng.choice(string.digits) for _ in range(digits))
-    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
+    if not 1 <= digits <= len(string.digits):
+        raise ValueError(f"digits={digits}: expected 1 to {len(string.digits)} (the key's digits are distinct)")
+    key = "".join(rng.sample(string.digits, digits))
+    needle = f" {CUE}{key}. "
     hay = seq_len - len(needle) - len(QUESTION) - digits
     if hay < 0:
         raise ValueError(f"seq_len={seq_len}: a passkey sequence needs at least {seq_len - hay} tokens")
@@ -164,7 +171,7 @@ def sample(task: str, seq_len: int, rng: random.Random, text: TextFiles | None =
     raise ValueError(f"task={task!r}: expected one of {TASKS}")
 
 
-def batches(task: str, batch_size: int, seq_len: int, seed: int = 0,
+def batches(task: str, batch_size: int, seq_len: int, seed: int | str = 0,
             text: TextFiles | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """An endless, seeded stream of ``(input_ids, labels)`` batches, each ``(batch_size, seq_len)`` int64."""
     rng = random.Random(seed)
@@ -174,5 +181,5 @@ def batches(task: str, batch_size: int, seq_len: int, seed: int = 0,
                torch.tensor([r[1] for r in rows], dtype=torch.int64))
 
 
-__all__ = ["FILLER", "IGNORE", "TASKS", "TextFiles", "VOCAB_SIZE", "batches", "copy_sample", "decode", "encode",
+__all__ = ["CUE", "FILLER", "IGNORE", "TASKS", "TextFiles", "VOCAB_SIZE", "batches", "copy_sample", "decode", "encode",
            "mqar_sample", "passkey_sample", "sample"]

@@ -8,6 +8,9 @@ same batches, so the loss curves differ only by the attention. Outputs under ``-
 Variants: ``dense`` (PyTorch SDPA everywhere), ``hhst`` (``attn_implementation="s2attn"``,
 heterogeneous local-stride layers plus ``--dense-layers``), ``homo`` (the same with every head
 on the same stride offset: the ablation).
+
+With ``--min-len``, training starts at short sequences and doubles their length in stages up to
+``--seq-len`` (:func:`seq_len_at`), at the same number of tokens per step.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -27,7 +31,8 @@ from .models import hhst_config, tiny_llama
 
 VARIANTS = ("dense", "hhst", "homo")
 LOSSES = ("answer", "all")
-CSV_FIELDS = ("variant", "step", "tokens", "loss", "answer_acc", "lr", "elapsed_s")
+CSV_FIELDS = ("variant", "step", "seq_len", "tokens", "loss", "answer_acc", "lr", "elapsed_s")
+CURRICULUM_FRACTION = 0.5  # of the steps, spent growing the sequence length from --min-len
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -107,6 +112,23 @@ def lr_at(step: int, steps: int, lr: float) -> float:
     return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))
 
 
+def seq_len_at(step: int, steps: int, seq_len: int, min_len: int) -> int:
+    """The length curriculum: ``min_len`` doubled once per equal stage over the first
+    :data:`CURRICULUM_FRACTION` of the steps, never above ``seq_len``; ``seq_len`` after that.
+
+    Retrieval is learned at short lengths, where the cue competes with few tokens for attention, and
+    then carried to long ones (CPU pilot: a dense model trained at 256 tokens alone stayed at chance).
+    """
+    if min_len < 1:
+        raise ValueError(f"min_len={min_len}: expected a positive sequence length")
+    stages = []
+    while min_len < seq_len:
+        stages.append(min_len)
+        min_len *= 2
+    stage = int(step / (CURRICULUM_FRACTION * steps) * len(stages))
+    return stages[stage] if stage < len(stages) else seq_len
+
+
 def answer_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Fraction of supervised tokens predicted exactly (argmax, teacher forcing)."""
     target = labels[:, 1:]
@@ -128,13 +150,21 @@ def train_variant(variant: str, args: argparse.Namespace, out: Path, writer, tex
     model = build_model(config, device).train()
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    stream = data.batches(args.task, args.batch_size, args.seq_len, seed=args.seed, text=text)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    streams: dict[int, Iterator[tuple[torch.Tensor, torch.Tensor]]] = {}  # one seeded stream per curriculum length, the same for every variant
     tokens_per_step = args.batch_size * args.seq_len
+
+    def batch_at(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = seq_len_at(step, args.steps, args.seq_len, args.min_len or args.seq_len)
+        if n not in streams:
+            streams[n] = data.batches(args.task, max(1, tokens_per_step // n), n, seed=f"{args.seed}/{n}", text=text)
+        return next(streams[n])
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     warmup = min(3, args.steps // 5)  # steps excluded from the throughput (allocator, autotuning)
     losses, accs = [], []
+    tokens = timed_tokens = 0
     progress = _progress(args.steps, variant)
-    batch = next(stream)
+    batch = batch_at(0)
     t0 = time.perf_counter()
     for step in range(args.steps):
         if step == warmup:
@@ -149,23 +179,25 @@ def train_variant(variant: str, args: argparse.Namespace, out: Path, writer, tex
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        batch = next(stream)  # built on the CPU while the GPU runs this step
+        if step + 1 < args.steps:
+            batch = batch_at(step + 1)  # built on the CPU while the GPU runs this step
         loss = float(result.loss.detach())
         acc = answer_accuracy(result.logits.detach(), labels)
         losses.append(loss)
         accs.append(acc)
-        writer.writerow({"variant": variant, "step": step + 1, "tokens": (step + 1) * tokens_per_step,
+        tokens += ids.numel()
+        timed_tokens += ids.numel() if step >= warmup else 0
+        writer.writerow({"variant": variant, "step": step + 1, "seq_len": ids.shape[1], "tokens": tokens,
                          "loss": f"{loss:.5f}", "answer_acc": f"{acc:.4f}", "lr": f"{opt.param_groups[0]['lr']:.3g}",
                          "elapsed_s": f"{time.perf_counter() - t0:.2f}"})
         progress.update(1)
         progress.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}")
     _sync(device)
     progress.close()
-    timed_steps = args.steps - warmup
-    tokens_per_s = timed_steps * tokens_per_step / (time.perf_counter() - t_timed) if timed_steps else float("nan")
+    tokens_per_s = timed_tokens / (time.perf_counter() - t_timed) if timed_tokens else float("nan")
     save_checkpoint(out / variant / "checkpoint.pt", model, variant, args.steps, args)
     tail = max(1, args.steps // 10)
-    row = {"variant": variant, "params": params, "steps": args.steps, "tokens": args.steps * tokens_per_step,
+    row = {"variant": variant, "params": params, "steps": args.steps, "tokens": tokens,
            "final_loss": sum(losses[-tail:]) / tail, "final_answer_acc": sum(accs[-tail:]) / tail,
            "tokens_per_s": tokens_per_s, "checkpoint": str(out / variant / "checkpoint.pt")}
     print(f"{variant}: final loss {row['final_loss']:.4f}, answer acc {row['final_answer_acc']:.3f}, "
@@ -243,6 +275,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="train on the answer tokens only, or next-token loss on all tokens (answer accuracy is "
                         "measured on the answer tokens either way)")
     p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--min-len", type=int, default=0,
+                   help="length curriculum: start at this sequence length and double it in equal stages over the "
+                        f"first {CURRICULUM_FRACTION:.0%}% of the steps up to --seq-len; every step keeps "
+                        "--batch-size x --seq-len tokens (default 0: --seq-len throughout)")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -262,6 +298,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("steps", "batch_size", "seq_len"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')}={getattr(args, name)}: expected a positive number")
+    if not 0 <= args.min_len <= args.seq_len:
+        raise SystemExit(f"--min-len={args.min_len}: expected 0 (no curriculum) up to --seq-len={args.seq_len}")
     text = None
     if args.data:
         text, args.task = data.TextFiles(args.data), "text"

@@ -9,24 +9,27 @@ import torch
 from s2attn import data
 
 
-@pytest.mark.parametrize("seq_len", [105, 256, 1000])
+@pytest.mark.parametrize("seq_len", [16, 256, 1000])
 @pytest.mark.parametrize("depth", [0.0, 0.37, 1.0])
 def test_passkey_sample(seq_len, depth):
     ids, n = data.passkey_sample(seq_len, depth, random.Random(seq_len))
     text = data.decode(ids)
     assert len(ids) == seq_len and n == 5
-    key = re.search(r"The pass key is (\d{5})\.", text).group(1)
+    key = re.search(r" #(\d{5})\. ", text).group(1)
+    assert len(set(key)) == n  # distinct digits: the token before each one names it uniquely
     assert text.endswith(data.QUESTION + key)
-    assert sum(c.isdigit() for c in text) == 3 * n  # the key appears twice in the needle, once as the answer
-    hay = seq_len - 104  # filler tokens around the needle
-    assert text.index(" The pass key is") == round(depth * hay)
+    assert text.count(data.CUE) == 2 and sum(c.isdigit() for c in text) == 2 * n  # needle and answer only
+    hay = seq_len - 16  # filler tokens around the needle
+    assert text.index(" #") == round(depth * hay)
 
 
 def test_passkey_needs_room():
-    with pytest.raises(ValueError, match="seq_len=50"):
-        data.passkey_sample(50, 0.5, random.Random(0))
+    with pytest.raises(ValueError, match="seq_len=15"):
+        data.passkey_sample(15, 0.5, random.Random(0))
     with pytest.raises(ValueError, match="depth"):
         data.passkey_sample(200, 1.5, random.Random(0))
+    with pytest.raises(ValueError, match="digits=11"):
+        data.passkey_sample(200, 0.5, random.Random(0), digits=11)
 
 
 @pytest.mark.parametrize("seq_len", [256, 999, 4096])

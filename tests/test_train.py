@@ -80,9 +80,23 @@ def test_loss_on_all_tokens(tmp_path):
     assert first["answer"] != first["all"]
 
 
+def test_length_curriculum(tmp_path):
+    """--min-len 40 at --seq-len 160: lengths 40, 80 over the first half of the steps, then 160; tokens per step kept."""
+    out = tmp_path / "curriculum"
+    assert train.main([*TOY, "--variants", "dense", "--task", "passkey", "--min-len", "40", "--out", str(out)]) == 0
+    with open(out / "train_log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["seq_len"]) for r in rows] == [40, 80, 160, 160]
+    assert [int(r["tokens"]) for r in rows] == [320, 640, 960, 1280]
+    assert [train.seq_len_at(s, 16, 1024, 128) for s in range(0, 16, 2)] == [128, 128, 256, 512, 1024, 1024, 1024, 1024]
+    assert {train.seq_len_at(s, 10, 100, 100) for s in range(10)} == {100}
+
+
 def test_bad_arguments_are_named(tmp_path):
     with pytest.raises(SystemExit, match="--variants"):
         train.main([*TOY, "--variants", "dense,sparse", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--min-len=200"):
+        train.main([*TOY, "--min-len", "200", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="--dense-layers"):
         train.main([*TOY, "--variants", "hhst", "--dense-layers", "one", "--out", str(tmp_path)])
 
