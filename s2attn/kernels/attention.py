@@ -43,24 +43,15 @@ def _head_rule(h, stride, step, offset, heads_per_group, head_base, sparse_group
 
 
 @triton.jit
-def _near(diff, local, CAUSAL: tl.constexpr):
-    """Query block ``kb + diff`` is in key block ``kb``'s local window."""
+def _rows_allowed(qb_rows, kb, local, stride, shift, dense, CAUSAL: tl.constexpr):
+    """Block-level rule for a vector of query blocks against one key block."""
+    diff = qb_rows - kb
     if CAUSAL:
-        return (diff >= 0) & (diff < local)
+        near = (diff >= 0) & (diff < local)
     else:
-        return (diff < local) & (diff > -local)
-
-
-@triton.jit
-def _rows_allowed(qb_rows, kb, local, stride, shift, dense, CAUSAL: tl.constexpr, NEAR_ONLY: tl.constexpr):
-    """Block-level rule for a vector of query blocks against one key block; with ``NEAR_ONLY`` only
-    the window's pairs (the far pairs of long columns are the long pass's, see
-    :func:`_attn_bwd_dkdv_long`)."""
-    near = _near(qb_rows - kb, local, CAUSAL)
-    if NEAR_ONLY:
-        return near
-    else:
-        return near | (((kb + shift) % stride) == 0) | dense
+        near = (diff < local) & (diff > -local)
+    on_stride = ((kb + shift) % stride) == 0
+    return near | on_stride | dense
 
 
 @triton.jit
@@ -146,7 +137,7 @@ def _seq_bounds(cu_q, cu_k, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
 
 @triton.jit
 def _segment_block(i, start, step, ent_base, tab_kb, tab_bits, qb_rows, qb_lo, local, stride, shift, dense,
-                   CAUSAL: tl.constexpr, MASKED: tl.constexpr, TABLE: tl.constexpr, NEAR_ONLY: tl.constexpr):
+                   CAUSAL: tl.constexpr, MASKED: tl.constexpr, TABLE: tl.constexpr):
     """The ``i``-th key block of a segment, and which of the tile's query rows read it."""
     if TABLE:
         kb = tl.load(tab_kb + ent_base + i)
@@ -155,7 +146,7 @@ def _segment_block(i, start, step, ent_base, tab_kb, tab_bits, qb_rows, qb_lo, l
     else:
         kb = start + i * step
         if MASKED:
-            row_ok = _rows_allowed(qb_rows, kb, local, stride, shift, dense, CAUSAL, NEAR_ONLY)
+            row_ok = _rows_allowed(qb_rows, kb, local, stride, shift, dense, CAUSAL)
         else:
             row_ok = qb_rows >= 0
     return kb, row_ok
@@ -210,7 +201,6 @@ def _row_segment(
     local, stride, shift, dense,
     BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     MASKED: tl.constexpr, TABLE: tl.constexpr, UPCAST: tl.constexpr, BACKWARD: tl.constexpr, PAIRS: tl.constexpr,
-    NEAR_ONLY: tl.constexpr,
 ):
     """The key blocks ``start + i * step`` (or table entries), ``i < count``. With ``PAIRS`` (unmasked
     segments; only when ``BLOCK_N == BLOCK``, else ignored), two blocks of the segment, wherever they
@@ -227,7 +217,7 @@ def _row_segment(
         count = count % 2
     for i in range(count):
         kb, row_ok = _segment_block(i, start, step, ent_base, tab_kb, tab_bits, qb_rows, qb_lo, local, stride,
-                                    shift, dense, CAUSAL, MASKED, TABLE, NEAR_ONLY)
+                                    shift, dense, CAUSAL, MASKED, TABLE)
         for sub in tl.static_range(BLOCK // BLOCK_N):
             k_pos = kb * BLOCK + sub * BLOCK_N + offs_n
             acc, m_i, l_i = _row_tile(acc, m_i, l_i, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, q_pos,
@@ -264,12 +254,10 @@ def _query_tile_pass(
     local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous, pattern_heads,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, TABLE: tl.constexpr, UPCAST: tl.constexpr, BACKWARD: tl.constexpr, PAIRS: tl.constexpr,
-    NEAR_ONLY: tl.constexpr,
 ):
     """Every key block the query tile reads: the table row, or the rule's five segments (unmasked
     vertical; masked window edge; unmasked window; masked diagonal; bidirectional: masked vertical
-    right of the window). Returns ``(acc, m_i, l_i)``; backward: ``(dq, -, -)``. With ``NEAR_ONLY``
-    (rule, dQ) only the window's pairs, dense heads' too: the long pass adds the rest to dQ."""
+    right of the window). Returns ``(acc, m_i, l_i)``; backward: ``(dq, -, -)``."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     qb_rows = q_pos // BLOCK
@@ -285,29 +273,24 @@ def _query_tile_pass(
         ent = tl.load(tab_ptr + row)
         cnt = tl.load(tab_ptr + row + 1) - ent
         acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, 0, 1, cnt, ent, tab_kb, tab_bits, qb_lo, 1, 1, 0, False,
-                                     BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, True, True, UPCAST, BACKWARD, False, False)
+                                     BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, True, True, UPCAST, BACKWARD, False)
     else:
         shift, dense = _head_rule(h, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous)
-        if NEAR_ONLY:
-            a0, an, b_lo, b_hi, c_lo, c_hi, d_lo, d_hi, e0, en = _row_segments(
-                qb_lo, qb_hi, n_kb, local, stride, shift, False, CAUSAL)
-        else:
-            a0, an, b_lo, b_hi, c_lo, c_hi, d_lo, d_hi, e0, en = _row_segments(
-                qb_lo, qb_hi, n_kb, local, stride, shift, dense, CAUSAL)
+        a0, an, b_lo, b_hi, c_lo, c_hi, d_lo, d_hi, e0, en = _row_segments(
+            qb_lo, qb_hi, n_kb, local, stride, shift, dense, CAUSAL)
         rule = (0, tab_kb, tab_bits, qb_lo, local, stride, shift, dense)
-        if not NEAR_ONLY:
-            acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, a0, tl.where(dense, 1, stride), an, *rule,
-                                         BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, False, False, UPCAST, BACKWARD, PAIRS,
-                                         False)
+        a_step = tl.where(dense, 1, stride)
+        acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, a0, a_step, an, *rule,
+                                     BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, False, False, UPCAST, BACKWARD, PAIRS)
         acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, b_lo, 1, b_hi - b_lo + 1, *rule,
-                                     BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, True, False, UPCAST, BACKWARD, False, NEAR_ONLY)
+                                     BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, True, False, UPCAST, BACKWARD, False)
         acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, c_lo, 1, c_hi - c_lo + 1, *rule,
-                                     BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, False, False, UPCAST, BACKWARD, PAIRS, False)
+                                     BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, False, False, UPCAST, BACKWARD, PAIRS)
         acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, d_lo, 1, d_hi - d_lo + 1, *rule,
-                                     BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, True, False, UPCAST, BACKWARD, False, NEAR_ONLY)
-        if not CAUSAL and not NEAR_ONLY:
+                                     BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, True, False, UPCAST, BACKWARD, False)
+        if not CAUSAL:
             acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, e0, stride, en, *rule,
-                                         BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, True, False, UPCAST, BACKWARD, False, False)
+                                         BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, True, False, UPCAST, BACKWARD, False)
     return acc, m_i, l_i
 
 
@@ -335,7 +318,7 @@ def _attn_fwd(
         V + b * stride_vb + k_start * stride_vs + kvh * stride_vh, stride_ks, stride_vs, q_pos, len_k, qk_scale,
         h, tile, n_tiles, tab_ptr, tab_kb, tab_bits,
         local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous, pattern_heads,
-        BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, CAUSAL, TABLE, UPCAST, False, PAIRS, False)
+        BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, CAUSAL, TABLE, UPCAST, False, PAIRS)
     nonempty = l_i > 0.0
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
     lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
@@ -355,12 +338,10 @@ def _attn_bwd_dq(
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, TABLE: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr, PAIRS: tl.constexpr,
-    HAS_DLSE: tl.constexpr, NEAR_ONLY: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
 ):
-    """dQ, query-major like the forward (the same pass over key blocks); with ``NEAR_ONLY`` the
-    window's pairs only (into fp32, onto which the long pass adds the far pairs). It also computes and
-    stores delta = rowsum(dO * O) - dlse, the softmax-backward row term the dK/dV kernels (launched
-    after) read."""
+    """dQ, query-major like the forward (the same pass over key blocks). It also computes and stores
+    delta = rowsum(dO * O) - dlse, the softmax-backward row term the dK/dV kernel (launched after) reads."""
     h = tl.program_id(1)
     b = tl.program_id(2)
     k_start, len_k, tile, exists, q_pos, rows, row_ok, io_mask = _query_tile(
@@ -382,7 +363,7 @@ def _attn_bwd_dq(
         V + b * stride_vb + k_start * stride_vs + kvh * stride_vh, stride_ks, stride_vs, q_pos, len_k, qk_scale,
         h, tile, n_tiles, tab_ptr, tab_kb, tab_bits,
         local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous, pattern_heads,
-        BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, CAUSAL, TABLE, UPCAST, True, PAIRS, NEAR_ONLY)
+        BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, CAUSAL, TABLE, UPCAST, True, PAIRS)
     dq_ptrs = DQ + b * stride_dqb + rows[:, None] * stride_dqs + h * stride_dqh + tl.arange(0, BLOCK_D)[None, :]
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=io_mask)
 
@@ -390,17 +371,16 @@ def _attn_bwd_dq(
 # --------------------------------------------------------------------------- backward: dK, dV
 @triton.jit
 def _dkdv_segment(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qs, stride_dos, stride_ls, stride_dqs,
-    k_pos, kb, offs_m, offs_d, q_off, len_q, qk_scale, sm_scale,
-    start, count, ent_base, tab_tile, tab_bits,
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos, stride_ls,
+    k_pos, kb, offs_m, offs_d, q_off, len_q, qk_scale,
+    start, count, ent_base, tab_tile, tab_bits, open_lo,
     local, stride, shift, dense,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-    MASK: tl.constexpr, TABLE: tl.constexpr, UPCAST: tl.constexpr, DQ: tl.constexpr,
+    MASK: tl.constexpr, TABLE: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Query tiles ``start + i`` (or table entries), ``i < count``, against one key tile: dk, dv updated
-    (and, with ``DQ``, the tile's dQ added atomically at ``dq_base``, fp32). MASK 0: none; 1: the
-    window's pairs of key block ``kb`` (or the entry's bits) and causality; 2: the far pairs of the
-    key blocks ``kb`` (one per key row: long columns side by side)."""
+    """Query tiles ``start + i`` (or table entries), ``i < count``, against one key tile: dk, dv updated.
+    MASK 0: none; 1: the block rule of key block ``kb`` (or the entry's bits) and causality; 2: key row
+    ``r`` only from query tile ``open_lo[r]`` on (long columns side by side)."""
     d_ok = offs_d < HEAD_DIM
     for i in range(count):
         if TABLE:
@@ -424,39 +404,35 @@ def _dkdv_segment(
                 bits = tl.load(tab_bits + ent_base + i)
                 allowed = ((bits >> (qb_rows - (tile * BLOCK_M) // BLOCK)) & 1) != 0
             else:
-                allowed = _rows_allowed(qb_rows, kb, local, stride, shift, dense, CAUSAL, True)
+                allowed = _rows_allowed(qb_rows, kb, local, stride, shift, dense, CAUSAL)
             ok = allowed[None, :]
             if CAUSAL:
                 ok = ok & (k_pos[:, None] <= q_pos[None, :])
             pt = tl.where(ok, pt, 0.0)
         elif MASK == 2:
-            diff = (q_pos // BLOCK)[None, :] - kb[:, None]
-            if CAUSAL:
-                far = diff >= local
-            else:
-                far = (diff >= local) | (diff <= -local)
-            pt = tl.where(far, pt, 0.0)
+            pt = tl.where((open_lo <= tile)[:, None], pt, 0.0)
         dv += _dot(pt.to(do.dtype), do, UPCAST)
         dpt = _dot(v, tl.trans(do), UPCAST)
-        dst = (pt * (dpt - delta[None, :])).to(q.dtype)
-        dk += _dot(dst, q, UPCAST)
-        if DQ:
-            dq = _dot(tl.trans(dst), k, UPCAST) * sm_scale
-            tl.atomic_add(dq_base + q_row[:, None] * stride_dqs + offs_d[None, :], dq, mask=io_mask)
+        dst = pt * (dpt - delta[None, :])
+        dk += _dot(dst.to(q.dtype), q, UPCAST)
     return dk, dv
 
 
 @triton.jit
-def _window_tiles(kb, q_tile_lo, q_tile_hi, local, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-                  CAUSAL: tl.constexpr):
-    """Query tiles holding a query block in key block ``kb``'s window, ``(lo, hi)`` inclusive, clipped
-    (key blocks may be vectors: the tiles of the first one's window start to the last one's end)."""
+def _col_masked(kb, q_tile_lo, q_tile_hi, local, stride, shift, dense,
+                BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """Query tiles that read key block ``kb`` only in part, ``(lo, hi)`` inclusive and clipped, and
+    whether ``kb`` is a long column: on the head's vertical stride (or of a dense head), read in full
+    by every query tile past its diagonal (causal) or by all of them. Those full tiles are the long
+    pass's (:func:`_attn_bwd_dkdv_long`); a short column's tiles are all here."""
+    long = dense | (((kb + shift) % stride) == 0)
     if CAUSAL:
         lo = (kb * BLOCK) // BLOCK_M
+        hi = tl.where(long, (kb * BLOCK + BLOCK - 1) // BLOCK_M, ((kb + local) * BLOCK - 1) // BLOCK_M)
     else:
-        lo = (tl.maximum(kb - local + 1, 0) * BLOCK) // BLOCK_M
-    hi = ((kb + local) * BLOCK - 1) // BLOCK_M
-    return tl.maximum(lo, q_tile_lo), tl.minimum(hi, q_tile_hi)
+        lo = ((kb - local + 1) * BLOCK) // BLOCK_M
+        hi = tl.where(long, lo - 1, ((kb + local) * BLOCK - 1) // BLOCK_M)
+    return tl.maximum(lo, q_tile_lo), tl.minimum(hi, q_tile_hi), long
 
 
 @triton.jit
@@ -476,26 +452,24 @@ def _long_col_ptrs(PART, b, k_start, c, h, in_blk, offs_d, n_heads, part_cols, p
 
 @triton.jit
 def _attn_bwd_dkdv_long(
-    Q, K, V, DO, LSE, DELTA, DQ, PART_K, PART_V, cu_q, cu_k,
+    Q, K, V, DO, LSE, DELTA, PART_K, PART_V, cu_q, cu_k,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh, stride_ls,
-    seqlen_q, seqlen_k, heads_per_kv, n_heads, qk_scale, sm_scale, chunk, n_splits, part_cols, part_stride,
+    stride_dob, stride_dos, stride_doh, stride_lb, stride_lh, stride_ls,
+    seqlen_q, seqlen_k, heads_per_kv, n_heads, qk_scale, chunk, n_splits, part_cols, part_stride,
     local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, COLS: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr, ATOMIC: tl.constexpr, FUSED_DQ: tl.constexpr,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr, ATOMIC: tl.constexpr,
 ):
-    """The far pairs of the long columns (rule path): dK, dV as fp32 partial sums the dK/dV kernel
-    adds, and with ``FUSED_DQ`` their share of dQ, added atomically onto the window's (fp32 ``DQ``).
+    """The long columns' share of dK and dV (rule path), as fp32 partial sums the dK/dV kernel adds.
 
-    A long column (a key block on the head's vertical stride, or any block of a dense head) is read
-    by every query block, its far pairs (outside the local window) hold most of the backward's work,
-    in long unmasked runs. ``COLS`` of one head's columns, ``stride`` blocks apart, sit side by side
-    in one key tile of ``BLOCK_N`` rows (a big block is cut into ``BLOCK // BLOCK_N`` tiles instead),
-    so the matrix products are as wide as a dense kernel's whatever the pattern's block; tiles where
-    some rows are near (or not yet visible) are masked per pair. Program ``(tile, head x split)``
-    takes the ``split``-th chunk of ``chunk`` query tiles: the long columns do not run alone at the
-    end. With one chunk it stores PART, else it adds atomically (zeroed PART)."""
+    Long columns hold most of the backward's work (a vertical block is read by every later query
+    tile) in few, long, unmasked runs. ``COLS`` of one head's columns, ``stride`` blocks apart, sit
+    side by side in one key tile of ``BLOCK_N`` rows (a big block is cut into ``BLOCK // BLOCK_N``
+    tiles instead), so the matrix products are as wide as a dense kernel's whatever the pattern's
+    block; until the tile's last column opens, rows of columns not yet open are masked. Program
+    ``(tile, head x split)`` takes the ``split``-th chunk of ``chunk`` query tiles: the long columns
+    do not run alone at the end. With one chunk it stores, else it adds atomically (zeroed PART)."""
     h = tl.program_id(1) // n_splits
     split = tl.program_id(1) % n_splits
     b = tl.program_id(2)
@@ -505,10 +479,8 @@ def _attn_bwd_dkdv_long(
     group = tl.program_id(0) // NSUB
     shift, dense = _head_rule(h, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous)
     first = _first_congruent(0, stride, shift)
-    kb_first = tl.where(dense, group * COLS, first + group * COLS * stride)
-    if kb_first * BLOCK >= len_k:
+    if tl.where(dense, group * COLS, first + group * COLS * stride) * BLOCK >= len_k:
         return
-    kb_last = kb_first + tl.where(dense, 1, stride) * (COLS - 1)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     c = group * COLS + offs_n // ROWS
@@ -518,41 +490,32 @@ def _attn_bwd_dkdv_long(
     q_off = len_k - len_q
     q_tile_lo = q_off // BLOCK_M
     q_tile_hi = (len_k - 1) // BLOCK_M
-    # query tiles: unmasked [lo, m_lo), masked [m_lo, m_hi) where some pair of the tile is near (or,
-    # causal, before its diagonal), unmasked [m_hi, end); this split's chunk of them
     if CAUSAL:
-        m_lo = tl.maximum(((kb_first + local) * BLOCK) // BLOCK_M, q_tile_lo)
-        lo = m_lo
+        open_lo = tl.maximum((kb * BLOCK + BLOCK - 1) // BLOCK_M + 1, q_tile_lo)
     else:
-        m_lo = _window_tiles(kb_first, q_tile_lo, q_tile_hi, local, BLOCK, BLOCK_M, CAUSAL)[0]
-        lo = q_tile_lo
-    m_hi = tl.maximum(tl.minimum(tl.cdiv((kb_last + local) * BLOCK, BLOCK_M), q_tile_hi + 1), m_lo)
-    lo += split * chunk
+        open_lo = kb * 0 + q_tile_lo
+    lo = tl.min(open_lo, 0) + split * chunk
     hi = tl.minimum(lo + chunk, q_tile_hi + 1)
+    all_open = tl.max(open_lo, 0)
     kv_mask = (k_pos < len_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
     kvh = h // heads_per_kv
     k = _load_rows(K + b * stride_kb + kvh * stride_kh, k_start + k_pos, stride_ks, kv_mask, BLOCK_D)
     v = _load_rows(V + b * stride_vb + kvh * stride_vh, k_start + k_pos, stride_vs, kv_mask, BLOCK_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    offs_m = tl.arange(0, BLOCK_M)
     state = (Q + b * stride_qb + q_start * stride_qs + h * stride_qh,
              DO + b * stride_dob + q_start * stride_dos + h * stride_doh,
              LSE + b * stride_lb + h * stride_lh + q_start * stride_ls,
              DELTA + b * stride_lb + h * stride_lh + q_start * stride_ls,
-             DQ + b * stride_dqb + q_start * stride_dqs + h * stride_dqh,
-             stride_qs, stride_dos, stride_ls, stride_dqs, k_pos, kb, tl.arange(0, BLOCK_M), offs_d, q_off, len_q,
-             qk_scale, sm_scale)
-    rule = (0, Q, Q, local, stride, shift, dense)
-    end = tl.minimum(hi, m_lo)
-    dk, dv = _dkdv_segment(dk, dv, k, v, *state, lo, end - lo, *rule,
-                           BLOCK, BLOCK_M, HEAD_DIM, CAUSAL, 0, False, UPCAST, FUSED_DQ)
-    start = tl.maximum(lo, m_lo)
-    end = tl.minimum(hi, m_hi)
-    dk, dv = _dkdv_segment(dk, dv, k, v, *state, start, end - start, *rule,
-                           BLOCK, BLOCK_M, HEAD_DIM, CAUSAL, 2, False, UPCAST, FUSED_DQ)
-    start = tl.maximum(lo, m_hi)
-    dk, dv = _dkdv_segment(dk, dv, k, v, *state, start, hi - start, *rule,
-                           BLOCK, BLOCK_M, HEAD_DIM, CAUSAL, 0, False, UPCAST, FUSED_DQ)
+             stride_qs, stride_dos, stride_ls, k_pos, kb, offs_m, offs_d, q_off, len_q, qk_scale)
+    rule = (0, Q, Q, open_lo, local, stride, shift, dense)
+    masked_hi = tl.minimum(hi, all_open)
+    dk, dv = _dkdv_segment(dk, dv, k, v, *state, lo, masked_hi - lo, *rule, BLOCK, BLOCK_M, HEAD_DIM, CAUSAL,
+                           2, False, UPCAST)
+    open_start = tl.maximum(lo, all_open)
+    dk, dv = _dkdv_segment(dk, dv, k, v, *state, open_start, hi - open_start, *rule, BLOCK, BLOCK_M, HEAD_DIM,
+                           CAUSAL, 0, False, UPCAST)
     where = (b, k_start, c, h, in_blk, offs_d, n_heads, part_cols, part_stride)
     if ATOMIC:
         if lo < hi:
@@ -580,9 +543,9 @@ def _attn_bwd_dkdv(
     """dK and dV of one key tile for one kv head: every query head of its group.
 
     Tables: the column's entries, the ``split``-th chunk of ``chunk`` of them; with more than one
-    chunk, results add atomically into fp32. Rule: the pairs in the key block's local window, plus a
-    long column's partial sums of its far pairs from :func:`_attn_bwd_dkdv_long`; every element is
-    then stored once, in the output dtype."""
+    chunk, results add atomically into fp32. Rule: the query tiles that read the key block only in
+    part (window, diagonal), plus a long column's partial sums from :func:`_attn_bwd_dkdv_long`;
+    every element is then stored once, in the output dtype."""
     pid_n = tl.program_id(0)
     kvh = tl.program_id(1) // n_splits
     split = tl.program_id(1) % n_splits
@@ -609,8 +572,8 @@ def _attn_bwd_dkdv(
         state = (Q + b * stride_qb + q_start * stride_qs + h * stride_qh,
                  DO + b * stride_dob + q_start * stride_dos + h * stride_doh,
                  LSE + b * stride_lb + h * stride_lh + q_start * stride_ls,
-                 DELTA + b * stride_lb + h * stride_lh + q_start * stride_ls, Q,
-                 stride_qs, stride_dos, stride_ls, 0, k_pos, kb, offs_m, offs_d, q_off, len_q, qk_scale, sm_scale)
+                 DELTA + b * stride_lb + h * stride_lh + q_start * stride_ls,
+                 stride_qs, stride_dos, stride_ls, k_pos, kb, offs_m, offs_d, q_off, len_q, qk_scale)
         if TABLE:
             col = (h % pattern_heads) * n_kblocks + kb
             ent = tl.load(tab_ptr + col)
@@ -618,15 +581,15 @@ def _attn_bwd_dkdv(
             lo = tl.minimum(split * chunk, cnt)
             n = tl.minimum(cnt - lo, chunk)
             work += n
-            dk, dv = _dkdv_segment(dk, dv, k, v, *state, 0, n, ent + lo, tab_tile, tab_bits, 1, 1, 0, False,
-                                   BLOCK, BLOCK_M, HEAD_DIM, CAUSAL, 1, True, UPCAST, False)
+            dk, dv = _dkdv_segment(dk, dv, k, v, *state, 0, n, ent + lo, tab_tile, tab_bits, kb, 1, 1, 0, False,
+                                   BLOCK, BLOCK_M, HEAD_DIM, CAUSAL, 1, True, UPCAST)
         else:
             shift, dense = _head_rule(h, stride, step, offset, heads_per_group, head_base, sparse_groups,
                                       homogeneous)
-            m_lo, m_hi = _window_tiles(kb, q_tile_lo, q_tile_hi, local, BLOCK, BLOCK_M, CAUSAL)
-            dk, dv = _dkdv_segment(dk, dv, k, v, *state, m_lo, m_hi - m_lo + 1, 0, tab_tile, tab_bits, local,
-                                   stride, shift, dense, BLOCK, BLOCK_M, HEAD_DIM, CAUSAL, 1, False, UPCAST, False)
-            long = dense | (((kb + shift) % stride) == 0)
+            m_lo, m_hi, long = _col_masked(kb, q_tile_lo, q_tile_hi, local, stride, shift, dense, BLOCK, BLOCK_M,
+                                         CAUSAL)
+            dk, dv = _dkdv_segment(dk, dv, k, v, *state, m_lo, m_hi - m_lo + 1, 0, tab_tile, tab_bits, kb,
+                                   local, stride, shift, dense, BLOCK, BLOCK_M, HEAD_DIM, CAUSAL, 1, False, UPCAST)
             if long:
                 c = tl.where(dense, kb, (kb - _first_congruent(0, stride, shift)) // stride)
                 where = (b, k_start, c, h, k_pos - kb * BLOCK, offs_d, n_heads, part_cols, part_stride)

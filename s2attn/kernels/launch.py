@@ -133,19 +133,17 @@ def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, row
     common = dict(BLOCK=block, HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, VARLEN=varlen,
                   UPCAST=_upcast(q.dtype))
     lse_strides = _lse_strides(lse, varlen)
-    delta = torch.empty_like(lse)  # written by the dQ kernel, read by the dK/dV kernels
-    # rule path: the long pass adds its far pairs' dQ onto the window's, atomically in fp32
-    fused = not use_table and not deterministic
+    delta = torch.empty_like(lse)  # written by the dQ kernel, read by the dK/dV kernel
 
     t = tiles("dq", block, head_dim, use_table, q.element_size())
-    dq = _new_like(q, q.shape, torch.float32) if fused else _new_like(q)
+    dq = _new_like(q)
     _attn_bwd_dq[(triton.cdiv(max_q, t.block_m) + 1, heads, batch)](
         q, k, v, out, do, dq, lse, lse if dlse is None else dlse.contiguous(), delta, cu_q, cu_k, *row_table,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
         *_strides(do, varlen), *_strides(dq, varlen), *lse_strides,
         max_q, max_k, heads // kv_heads, triton.cdiv(max_k, t.block_m), scale * LOG2E, scale, *rule,
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, TABLE=use_table, PAIRS=t.pairs, HAS_DLSE=dlse is not None,
-        NEAR_ONLY=fused, num_warps=t.num_warps, num_stages=t.num_stages, **common,
+        num_warps=t.num_warps, num_stages=t.num_stages, **common,
     )
 
     t = tiles("dkdv", block, head_dim, use_table, q.element_size())
@@ -177,9 +175,9 @@ def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, row
         cols = max(1, lt.block_n // block)
         grid = (triton.cdiv(part_cols, cols) * max(1, block // lt.block_n), heads * splits, batch)
         _attn_bwd_dkdv_long[grid](
-            *seq, lse, delta, dq, *parts, cu_q, cu_k, *strides, *_strides(dq, varlen), *lse_strides,
-            max_q, max_k, heads // kv_heads, heads, scale * LOG2E, scale, chunk, splits, part_cols, part_stride,
-            *rule[:8], BLOCK_M=lt.block_m, BLOCK_N=lt.block_n, COLS=cols, ATOMIC=splits > 1, FUSED_DQ=fused,
+            *seq, lse, delta, *parts, cu_q, cu_k, *strides, *lse_strides,
+            max_q, max_k, heads // kv_heads, heads, scale * LOG2E, chunk, splits, part_cols, part_stride, *rule[:8],
+            BLOCK_M=lt.block_m, BLOCK_N=lt.block_n, COLS=cols, ATOMIC=splits > 1,
             num_warps=lt.num_warps, num_stages=lt.num_stages, **common,
         )
     n_splits = splits if use_table else 1
@@ -190,4 +188,4 @@ def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, row
         *rule, BLOCK_M=t.block_m, BLOCK_N=t.block_n, TABLE=use_table, ATOMIC=atomic, num_warps=t.num_warps,
         num_stages=t.num_stages, **common,
     )
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
