@@ -3,7 +3,7 @@
     python benchmarks/profile_bwd.py --seqlens 32768,131072
 
 Each variant runs forward + backward a few times under torch.profiler and reports the mean CUDA
-time of each kernel (forward, dQ, dK/dV phase 0 and 1 together), so a slow backward can be pinned
+time of each kernel (forward, dQ, dK/dV: its two passes together), so a slow backward can be pinned
 on one kernel before anything is tuned.
 """
 

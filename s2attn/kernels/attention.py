@@ -1,4 +1,5 @@
-"""Triton kernels for block-sparse attention: forward, and backward (dQ and dK/dV).
+"""Triton kernels for block-sparse attention: forward, and backward (dQ; dK/dV in two passes:
+the long columns' full query tiles, then every key tile with the rest).
 
 Kernels see plain tensors and integers. The pattern arrives in one of two forms, chosen by
 the ``TABLE`` constexpr:
@@ -17,6 +18,10 @@ boundary unevenly. Every sequence (batched or varlen) is located through ``cu_se
 
 Work is split into *segments* of key blocks (``start``, ``step``, ``count``), each either
 fully allowed (no mask arithmetic) or masked (window edges, diagonal, table entries).
+
+Constexpr values are passed to helpers one by one, never inside a tuple: unpacked from one, they
+stop being constexpr in compiled Triton (the interpreter does not notice;
+``benchmarks/compile_sm90.py`` does).
 """
 
 import triton
