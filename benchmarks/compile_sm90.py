@@ -28,6 +28,7 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
 from s2attn import ops
+from s2attn.kernels.launch import interpreting
 from s2attn.patterns import from_mask, local_stride
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -123,7 +124,7 @@ def configurations(quick: bool):
 
 
 def main(argv=None) -> int:
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if interpreting():
         sys.exit("compile_sm90: unset TRITON_INTERPRET (the interpreter never compiles)")
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="only the configurations CI compiles")

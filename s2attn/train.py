@@ -150,7 +150,8 @@ def train_variant(variant: str, args: argparse.Namespace, out: Path, writer, tex
     model = build_model(config, device).train()
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    streams: dict[int, Iterator[tuple[torch.Tensor, torch.Tensor]]] = {}  # one seeded stream per curriculum length, the same for every variant
+    # one seeded stream per curriculum length, the same for every variant
+    streams: dict[int, Iterator[tuple[torch.Tensor, torch.Tensor]]] = {}
     tokens_per_step = args.batch_size * args.seq_len
 
     def batch_at(step: int) -> tuple[torch.Tensor, torch.Tensor]:

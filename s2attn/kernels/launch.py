@@ -162,13 +162,13 @@ def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, row
     # long columns (rule path): their full query tiles first, as fp32 partial sums per query head
     part_stride = 1 if has_dense else rule[1]
     part_cols = triton.cdiv(n_kb, part_stride)
-    part_rows = k.shape[1] // (block * part_stride) + 2 * batch if varlen else batch * part_cols
     if use_table:
         parts = row_table[:2]
     else:
         lt = tiles("dkdv_long", block, head_dim, False, q.element_size())
         if lt.block_m != t.block_m:
             raise ValueError(f"tiles: dkdv_long block_m={lt.block_m} must equal dkdv's {t.block_m}")
+        part_rows = k.shape[1] // (block * part_stride) + 2 * batch if varlen else batch * part_cols
         shape = (part_rows, heads, block, block_d)
         parts = [torch.zeros(shape, dtype=torch.float32, device=q.device) if splits > 1
                  else _new_like(q, shape, torch.float32) for _ in range(2)]  # atomics add onto zeros
