@@ -24,8 +24,8 @@ import time
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton.runtime.jit import JITFunction
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from s2attn import ops
 from s2attn.kernels.launch import interpreting
@@ -34,18 +34,6 @@ from s2attn.patterns import from_mask, local_stride
 TARGET = GPUTarget("cuda", 90, 32)
 SMEM_LIMIT = 232448  # bytes of shared memory one program may use on an H100 (227 KiB)
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
-          torch.int64: "i64"}
-
-
-def _scalar_type(x) -> str:
-    if isinstance(x, bool):
-        return "i1"
-    if isinstance(x, int):
-        return "i32" if -(2**31) <= x < 2**31 else "i64"
-    if isinstance(x, float):
-        return "fp32"
-    return "*" + _TYPES[x.dtype]
 
 
 def captured_launches(call) -> list[tuple[JITFunction, tuple, dict]]:
@@ -65,17 +53,13 @@ def captured_launches(call) -> list[tuple[JITFunction, tuple, dict]]:
 
 
 def compile_launch(fn: JITFunction, args: tuple, kwargs: dict):
-    """The launch compiled for sm_90 (no integer specialisation: the general kernel)."""
-    values = dict(zip(fn.arg_names, args)) | kwargs
-    signature, constexprs = {}, {}
-    for i, p in enumerate(fn.params):
-        if p.is_constexpr:
-            signature[p.name] = "constexpr"
-            constexprs[(i,)] = values[p.name]
-        else:
-            signature[p.name] = _scalar_type(values[p.name])
-    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
-    return triton.compile(ASTSource(fn, signature, constexprs), target=TARGET, options=options)
+    """The launch compiled for sm_90, specialised as a GPU launch would be (integers equal to 1 and
+    16-byte divisibility of integers and pointers), so the code is the code the GPU runs."""
+    backend = make_backend(TARGET)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
 
 
 def ptxas_report(kernel) -> dict:

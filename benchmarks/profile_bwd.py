@@ -3,7 +3,7 @@
     python benchmarks/profile_bwd.py --seqlens 32768,131072
 
 Each variant runs forward + backward a few times under torch.profiler and reports the mean CUDA
-time of each kernel (forward, dQ, dK/dV: its two passes together), so a slow backward can be pinned
+time of each kernel (forward, dQ, dK/dV: its long-column pass + the rest), so a slow backward can be pinned
 on one kernel before anything is tuned.
 """
 
@@ -34,9 +34,10 @@ def kernel_times(seqlen, heads=32, dim=128, reps=3, show_all=False):
     times = {}
     for e in prof.key_averages():
         name = e.key
-        for kname in ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv"):  # dkdv: both passes
+        for kname in ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv_long", "_attn_bwd_dkdv"):
             if name.startswith(kname):
                 times[kname] = times.get(kname, 0) + e.device_time_total / reps / 1e3
+                break
     other = sum(e.device_time_total for e in prof.key_averages()) / reps / 1e3 - sum(times.values())
     if show_all:  # every kernel, to pin down the time outside our three
         for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:12]:
@@ -54,16 +55,16 @@ def main():
     T = launch.Tiles
     default_splits = launch.DKDV_SPLITS
     variants = [("default", {}, None)]
-    for bn, w, st in [(64, 4, 3), (128, 8, 2), (128, 4, 3), (128, 8, 4)]:
-        variants.append((f"long bn{bn} w{w} s{st}", {"dkdv_long": T(32, bn, w, st)}, None))
+    for bm, bn, w, st in [(32, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 4)]:
+        variants.append((f"long bm{bm} bn{bn} w{w} s{st}", {"dkdv_long": T(bm, bn, w, st)}, None))
+    for bm, w in [(32, 8), (64, 8)]:
+        variants.append((f"short bm{bm} w{w}", {"dkdv": T(bm, 64, w, 3)}, None))
+    variants.append(("long bm64 + short bm64 w8", {"dkdv_long": T(64, 128, 8, 2), "dkdv": T(64, 64, 8, 3)}, None))
     for splits in (2, 8):
         variants.append((f"splits{splits}", {}, splits))
-    for bm, w, st in [(128, 8, 3), (128, 8, 2)]:
-        variants.append((f"fwd pairs bm{bm} w{w} s{st}", {"fwd": T(bm, 64, w, st, pairs=True)}, None))
-    variants.append(("dq pairs bm128 w8 s2", {"dq": T(128, 64, 8, 2, pairs=True)}, None))
     wanted = [x for x in a.only.split(",") if x]
     variants = [v for v in variants if not wanted or any(x in v[0] for x in wanted)]
-    print("| seqlen | variant | fwd | dq | dkdv | other | bwd total |")
+    print("| seqlen | variant | fwd | dq | dkdv (long + short) | other | bwd total |")
     print("|---|---|---|---|---|---|---|")
     for seqlen in [int(s) for s in a.seqlens.split(",")]:
         for name, tiles, splits in variants:
@@ -72,9 +73,10 @@ def main():
             launch.DKDV_SPLITS = splits or default_splits
             try:
                 t = kernel_times(seqlen, show_all=a.all_kernels)
-                bwd = t.get("_attn_bwd_dq", 0) + t.get("_attn_bwd_dkdv", 0) + t["other"]
+                long, short = t.get("_attn_bwd_dkdv_long", 0), t.get("_attn_bwd_dkdv", 0)
+                bwd = t.get("_attn_bwd_dq", 0) + long + short + t["other"]
                 print(f"| {seqlen} | {name} | {t.get('_attn_fwd', 0):.2f} | {t.get('_attn_bwd_dq', 0):.2f} | "
-                      f"{t.get('_attn_bwd_dkdv', 0):.2f} | {t['other']:.2f} | {bwd:.2f} |", flush=True)
+                      f"{long + short:.2f} ({long:.2f} + {short:.2f}) | {t['other']:.2f} | {bwd:.2f} |", flush=True)
             except Exception as e:
                 print(f"| {seqlen} | {name} | failed: {e!r:.150} |", flush=True)
 

@@ -175,10 +175,10 @@ def _row_tile(acc, m_i, l_i, q, do, lse2, delta, k_base, v_base, stride_ks, stri
     of ``(acc, m_i, l_i)``. Backward: ``acc += dS @ K`` (dQ), with P recomputed from ``lse2``."""
     kv_mask = (k_pos < len_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
     k = tl.load(k_base + k_pos[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-    s = _dot(q, tl.trans(k), UPCAST) * qk_scale
+    s = _dot(q, tl.trans(k), UPCAST)  # unscaled: the scale goes into each exponent's multiply-add
     if BACKWARD:
         v = tl.load(v_base + k_pos[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
-        p = tl.exp2(s - lse2[:, None])
+        p = tl.exp2(s * qk_scale - lse2[:, None])
         if MASKED:
             p = tl.where(_tile_ok(row_ok, q_pos, k_pos, len_k, CAUSAL), p, 0.0)
         dp = _dot(do, tl.trans(v), UPCAST)
@@ -187,10 +187,10 @@ def _row_tile(acc, m_i, l_i, q, do, lse2, delta, k_base, v_base, stride_ks, stri
     else:
         if MASKED:
             s = tl.where(_tile_ok(row_ok, q_pos, k_pos, len_k, CAUSAL), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # qk_scale > 0: the max commutes with it
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
+        p = tl.exp2(s * qk_scale - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + k_pos[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
@@ -424,20 +424,36 @@ def _dkdv_segment(
 
 
 @triton.jit
-def _col_masked(kb, q_tile_lo, q_tile_hi, local, stride, shift, dense,
-                BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
-    """Query tiles that read key block ``kb`` only in part, ``(lo, hi)`` inclusive and clipped, and
-    whether ``kb`` is a long column: on the head's vertical stride (or of a dense head), read in full
-    by every query tile past its diagonal (causal) or by all of them. Those full tiles are the long
-    pass's (:func:`_attn_bwd_dkdv_long`); a short column's tiles are all here."""
+def _long_open(kb, BLOCK: tl.constexpr, OPEN_ALIGN: tl.constexpr):
+    """Causal: the first query position of long column ``kb``'s full query tiles (its block's end
+    rounded up to ``OPEN_ALIGN``, a multiple of both dK/dV kernels' query tiles, so they meet there)."""
+    return tl.cdiv(kb * BLOCK + BLOCK, OPEN_ALIGN) * OPEN_ALIGN
+
+
+@triton.jit
+def _col_tiles(kb, q_tile_lo, q_tile_hi, local, stride, shift, dense,
+               BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, OPEN_ALIGN: tl.constexpr):
+    """The dK/dV kernel's query tiles for key block ``kb``: ``lo <= u_lo <= u_hi + 1 <= hi + 1``, clipped,
+    where tiles ``[u_lo, u_hi]`` need no mask (each of their queries reads every key of the block) and
+    the others do; and whether ``kb`` is a long column: on the head's vertical stride (or of a dense
+    head), read in full by every query tile from :func:`_long_open` on (causal) or by all of them.
+    Those full tiles are the long pass's (:func:`_attn_bwd_dkdv_long`); a short column's are all here."""
     long = dense | (((kb + shift) % stride) == 0)
+    past = (kb + local) * BLOCK  # first query position past the window
     if CAUSAL:
         lo = (kb * BLOCK) // BLOCK_M
-        hi = tl.where(long, (kb * BLOCK + BLOCK - 1) // BLOCK_M, ((kb + local) * BLOCK - 1) // BLOCK_M)
+        hi = tl.where(long, _long_open(kb, BLOCK, OPEN_ALIGN) // BLOCK_M - 1, (past - 1) // BLOCK_M)
+        u_lo = tl.cdiv(kb * BLOCK + BLOCK - 1, BLOCK_M)
     else:
-        lo = ((kb - local + 1) * BLOCK) // BLOCK_M
-        hi = tl.where(long, lo - 1, ((kb + local) * BLOCK - 1) // BLOCK_M)
-    return tl.maximum(lo, q_tile_lo), tl.minimum(hi, q_tile_hi), long
+        first = tl.maximum((kb - local + 1) * BLOCK, 0)
+        lo = first // BLOCK_M
+        hi = tl.where(long, lo - 1, (past - 1) // BLOCK_M)
+        u_lo = tl.cdiv(first, BLOCK_M)
+    lo = tl.maximum(lo, q_tile_lo)
+    hi = tl.minimum(hi, q_tile_hi)
+    u_lo = tl.minimum(tl.maximum(u_lo, lo), hi + 1)
+    u_hi = tl.maximum(tl.minimum(past // BLOCK_M - 1, hi), u_lo - 1)
+    return lo, u_lo, u_hi, hi, long
 
 
 @triton.jit
@@ -464,7 +480,7 @@ def _attn_bwd_dkdv_long(
     local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, COLS: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr, ATOMIC: tl.constexpr,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr, ATOMIC: tl.constexpr, OPEN_ALIGN: tl.constexpr,
 ):
     """The long columns' share of dK and dV (rule path), as fp32 partial sums the dK/dV kernel adds.
 
@@ -496,7 +512,7 @@ def _attn_bwd_dkdv_long(
     q_tile_lo = q_off // BLOCK_M
     q_tile_hi = (len_k - 1) // BLOCK_M
     if CAUSAL:
-        open_lo = tl.maximum((kb * BLOCK + BLOCK - 1) // BLOCK_M + 1, q_tile_lo)
+        open_lo = tl.maximum(_long_open(kb, BLOCK, OPEN_ALIGN) // BLOCK_M, q_tile_lo)
     else:
         open_lo = kb * 0 + q_tile_lo
     lo = tl.min(open_lo, 0) + split * chunk
@@ -543,14 +559,14 @@ def _attn_bwd_dkdv(
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, TABLE: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr,
-    ATOMIC: tl.constexpr,
+    ATOMIC: tl.constexpr, OPEN_ALIGN: tl.constexpr,
 ):
     """dK and dV of one key tile for one kv head: every query head of its group.
 
     Tables: the column's entries, the ``split``-th chunk of ``chunk`` of them; with more than one
-    chunk, results add atomically into fp32. Rule: the query tiles that read the key block only in
-    part (window, diagonal), plus a long column's partial sums from :func:`_attn_bwd_dkdv_long`;
-    every element is then stored once, in the output dtype."""
+    chunk, results add atomically into fp32. Rule: a short column's query tiles (masked at the diagonal
+    and at the window's far edge, unmasked between), a long column's diagonal tiles plus its partial
+    sums from :func:`_attn_bwd_dkdv_long`; every element is then stored once, in the output dtype."""
     pid_n = tl.program_id(0)
     kvh = tl.program_id(1) // n_splits
     split = tl.program_id(1) % n_splits
@@ -591,10 +607,15 @@ def _attn_bwd_dkdv(
         else:
             shift, dense = _head_rule(h, stride, step, offset, heads_per_group, head_base, sparse_groups,
                                       homogeneous)
-            m_lo, m_hi, long = _col_masked(kb, q_tile_lo, q_tile_hi, local, stride, shift, dense, BLOCK, BLOCK_M,
-                                         CAUSAL)
-            dk, dv = _dkdv_segment(dk, dv, k, v, *state, m_lo, m_hi - m_lo + 1, 0, tab_tile, tab_bits, kb,
-                                   local, stride, shift, dense, BLOCK, BLOCK_M, HEAD_DIM, CAUSAL, 1, False, UPCAST)
+            lo, u_lo, u_hi, hi, long = _col_tiles(kb, q_tile_lo, q_tile_hi, local, stride, shift, dense, BLOCK,
+                                                  BLOCK_M, CAUSAL, OPEN_ALIGN)
+            rule = (0, tab_tile, tab_bits, kb, local, stride, shift, dense)
+            dk, dv = _dkdv_segment(dk, dv, k, v, *state, lo, u_lo - lo, *rule, BLOCK, BLOCK_M, HEAD_DIM, CAUSAL, 1,
+                                   False, UPCAST)
+            dk, dv = _dkdv_segment(dk, dv, k, v, *state, u_lo, u_hi - u_lo + 1, *rule, BLOCK, BLOCK_M, HEAD_DIM,
+                                   CAUSAL, 0, False, UPCAST)
+            dk, dv = _dkdv_segment(dk, dv, k, v, *state, u_hi + 1, hi - u_hi, *rule, BLOCK, BLOCK_M, HEAD_DIM,
+                                   CAUSAL, 1, False, UPCAST)
             if long:
                 c = tl.where(dense, kb, (kb - _first_congruent(0, stride, shift)) // stride)
                 where = (b, k_start, c, h, k_pos - kb * BLOCK, offs_d, n_heads, part_cols, part_stride)

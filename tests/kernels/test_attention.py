@@ -224,6 +224,18 @@ def test_long_column_tiles(monkeypatch, block_n):
     check(*make_qkv(1, 1100, 1100, 4, 2, 32, torch.float32), pattern)
 
 
+@pytest.mark.parametrize("long_m, short_m", [(32, 64), (64, 32)])
+@pytest.mark.parametrize("block", [16, 32])
+def test_long_pass_own_query_tile(monkeypatch, long_m, short_m, block):
+    """The two dK/dV passes on query tiles of different sizes: a long column's full tiles start at a
+    multiple of both, so no (query, key) pair is counted twice or missed, also where a tile of the
+    bigger size holds several pattern blocks; fewer queries than keys (end-aligned)."""
+    monkeypatch.setitem(launch.TILE_OVERRIDES, "dkdv_long", launch.Tiles(long_m, 64, 4, 1))
+    monkeypatch.setitem(launch.TILE_OVERRIDES, "dkdv", launch.Tiles(short_m, block, 4, 1))
+    pattern = local_stride(2, 4096, block, local_blocks=2, vert_stride=3, num_dense_heads=1)
+    check(*make_qkv(1, 397, 421, 2, 2, 32, torch.float32), pattern)
+
+
 @pytest.mark.parametrize("dtype, grad_tol", [(torch.float16, None), (torch.bfloat16, 0.3)])
 def test_large_scores_stay_finite(dtype, grad_tol):
     """Scores around 1e3-1e4 (large activations): the online softmax neither overflows nor NaNs,
