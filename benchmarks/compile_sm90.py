@@ -92,6 +92,8 @@ def _attention(shape, dtype, pattern, **kw):
 def configurations(quick: bool):
     s = 1024
     yield "default (bf16, d128, block 64)", _attention((1, s, 4, 4, 128), torch.bfloat16, local_stride(4, s, 64, 8, 16))
+    long = 65536  # past 32k keys the launchers pick bigger tiles
+    yield "default at 64k keys", _attention((1, long, 2, 2, 128), torch.bfloat16, local_stride(2, long, 64, 8, 16))
     yield "block 16, GQA", _attention((1, s, 4, 2, 128), torch.bfloat16, local_stride(4, s, 16, 32, 16, num_kv_heads=2))
     yield "mask tables", _attention((1, s, 2, 2, 128), torch.bfloat16,
                                     from_mask(torch.rand(s // 64, s // 64) < 0.3, 64))

@@ -57,9 +57,9 @@ def main():
     variants = [("default", {}, None)]
     for bm, bn, w, st in [(32, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 4)]:
         variants.append((f"long bm{bm} bn{bn} w{w} s{st}", {"dkdv_long": T(bm, bn, w, st)}, None))
-    for bm, w in [(32, 8), (64, 8)]:
-        variants.append((f"short bm{bm} w{w}", {"dkdv": T(bm, 64, w, 3)}, None))
-    variants.append(("long bm64 + short bm64 w8", {"dkdv_long": T(64, 128, 8, 2), "dkdv": T(64, 64, 8, 3)}, None))
+    # unpaired query tiles small enough for two programs per SM (shared memory)
+    for kernel, bm, w, st in [("dq", 64, 4, 2), ("dq", 64, 4, 3), ("dq", 128, 8, 3), ("fwd", 64, 4, 2)]:
+        variants.append((f"{kernel} bm{bm} w{w} s{st} unpaired", {kernel: T(bm, 64, w, st)}, None))
     for splits in (2, 8):
         variants.append((f"splits{splits}", {}, splits))
     wanted = [x for x in a.only.split(",") if x]

@@ -540,8 +540,9 @@ def _attn_bwd_dkdv_long(
     where = (b, k_start, c, h, in_blk, offs_d, n_heads, part_cols, part_stride)
     if ATOMIC:
         if lo < hi:
-            tl.atomic_add(_long_col_ptrs(PART_K, *where, BLOCK, BLOCK_D, VARLEN), dk, mask=kv_mask)
-            tl.atomic_add(_long_col_ptrs(PART_V, *where, BLOCK, BLOCK_D, VARLEN), dv, mask=kv_mask)
+            # relaxed: nothing reads the sums before the kernel ends (the default, acq_rel, orders each add)
+            tl.atomic_add(_long_col_ptrs(PART_K, *where, BLOCK, BLOCK_D, VARLEN), dk, mask=kv_mask, sem="relaxed")
+            tl.atomic_add(_long_col_ptrs(PART_V, *where, BLOCK, BLOCK_D, VARLEN), dv, mask=kv_mask, sem="relaxed")
     else:
         tl.store(_long_col_ptrs(PART_K, *where, BLOCK, BLOCK_D, VARLEN), dk, mask=kv_mask)
         tl.store(_long_col_ptrs(PART_V, *where, BLOCK, BLOCK_D, VARLEN), dv, mask=kv_mask)
@@ -626,8 +627,8 @@ def _attn_bwd_dkdv(
     dv_ptrs = DV + b * stride_dvb + k_rows[:, None] * stride_dvs + kvh * stride_dvh + offs_d[None, :]
     if ATOMIC:
         if work > 0:
-            tl.atomic_add(dk_ptrs, dk * sm_scale, mask=kv_mask)
-            tl.atomic_add(dv_ptrs, dv, mask=kv_mask)
+            tl.atomic_add(dk_ptrs, dk * sm_scale, mask=kv_mask, sem="relaxed")
+            tl.atomic_add(dv_ptrs, dv, mask=kv_mask, sem="relaxed")
     else:
         tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)

@@ -203,11 +203,11 @@ def test_split_columns_match_unsplit(monkeypatch, as_mask):
 
 @pytest.mark.parametrize("block", [16, 64])
 @pytest.mark.parametrize("causal", [True, False])
-def test_key_blocks_unpaired(monkeypatch, block, causal):
-    """Forward and dQ one key block at a time (the defaults pair unmasked blocks: vertical ones
-    stride apart, window ones adjacent, dense heads' consecutive ones, odd ones left over)."""
+def test_key_block_pairs(monkeypatch, block, causal):
+    """Forward and dQ reading unmasked key blocks two at a time (the forward's default past 32k keys):
+    vertical ones stride apart, window ones adjacent, dense heads' consecutive ones, odd ones left over."""
     for kernel in ("fwd", "dq"):
-        monkeypatch.setitem(launch.TILE_OVERRIDES, kernel, launch.Tiles(64, block, 4, 1, pairs=False))
+        monkeypatch.setitem(launch.TILE_OVERRIDES, kernel, launch.Tiles(64, block, 4, 1, pairs=True))
     seq = 21 * block + 5
     pattern = local_stride(4, 4096, block, local_blocks=2, vert_stride=2, num_kv_heads=2, num_dense_heads=1,
                            causal=causal)

@@ -1,0 +1,125 @@
+"""How much a timing varies, ours against FlexAttention's, and with what the GPU was doing.
+
+    python benchmarks/spread.py --rounds 6                      # 128k forward
+    python benchmarks/spread.py --backward --seqlen 32768       # 32k backward
+    python benchmarks/spread.py --backward --tiles dq=128,64,8,2,1
+
+Each round times s2attn and FlexAttention (128-token blocks, its best case) back to back with the
+benchmark's ``do_bench`` (the backward alone: repeated ``backward(retain_graph=True)``), while a
+sampler thread reads the SM clock and the board power through NVML. ``--tiles kernel=bm,bn,warps,
+stages,pairs`` adds s2attn with that tile override as a third contender, so two configurations
+meet under the same clocks. At 128k the GPU runs at its power cap and single timings spread by
+~10%: this says whether a difference follows the clocks or the code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import threading
+import time
+
+import torch
+
+from s2attn import bench
+from s2attn.api import sparse_attention
+from s2attn.kernels import launch
+from s2attn.patterns import local_stride
+
+
+def _sampler(samples: list, stop: threading.Event, period: float = 0.05) -> None:
+    import pynvml
+
+    pynvml.nvmlInit()
+    handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+    while not stop.is_set():
+        samples.append((time.time(), pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
+                        pynvml.nvmlDeviceGetPowerUsage(handle) / 1000))
+        time.sleep(period)
+
+
+def _timed(fn, samples: list) -> tuple[float, float, float]:
+    """Median ms of ``fn``, and the mean SM clock (MHz) and power (W) sampled while it ran."""
+    t0 = time.time()
+    ms = bench._time(fn)
+    during = [s for s in samples if s[0] >= t0]
+    return ms, statistics.mean(s[1] for s in during), statistics.mean(s[2] for s in during)
+
+
+@contextlib.contextmanager
+def _override(kernel: str, tiles):
+    launch.TILE_OVERRIDES[kernel] = tiles
+    try:
+        yield
+    finally:
+        launch.TILE_OVERRIDES.pop(kernel)
+
+
+def _contenders(a, q, k, v) -> dict:
+    """name -> the call to time: the forward, or the backward alone (over one recorded graph)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    n, heads = q.shape[1], q.shape[2]
+    pat = local_stride(heads, n, 64, 8, 16)
+    mask = bench._flex_block_mask(local_stride(heads, n, 128, 4, 16), n, "cuda")
+    flex = torch.compile(flex_attention, dynamic=False)
+    qh, kh, vh = (x.detach().transpose(1, 2).contiguous().requires_grad_(a.backward) for x in (q, k, v))
+    ours = lambda: sparse_attention(q, k, v, pat)  # noqa: E731
+    forwards = {"s2attn": (ours, contextlib.nullcontext),
+                "flex-128": (lambda: flex(qh, kh, vh, block_mask=mask), contextlib.nullcontext)}
+    if a.tiles:
+        kernel, spec = a.tiles.split("=")
+        bm, bn, w, st, pairs = (int(x) for x in spec.split(","))
+        forwards[f"s2attn {a.tiles}"] = (ours, lambda: _override(kernel, launch.Tiles(bm, bn, w, st, bool(pairs))))
+    calls = {}
+    for name, (fwd, ctx) in forwards.items():
+        if a.backward:
+            with ctx():
+                out = fwd()
+            grad = torch.randn_like(out)
+
+            def call(out=out, grad=grad, ctx=ctx):
+                with ctx():
+                    out.backward(grad, retain_graph=True)
+        else:
+            def call(fwd=fwd, ctx=ctx):
+                with ctx():
+                    return fwd()
+        calls[name] = call
+    return calls
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seqlen", type=int, default=131072)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--backward", action="store_true", help="time the backward alone, not the forward")
+    ap.add_argument("--tiles", default="", help="kernel=bm,bn,warps,stages,pairs: also s2attn with these tiles")
+    a = ap.parse_args()
+    heads, dim, n = 32, 128, a.seqlen
+    q, k, v = (torch.randn(1, n, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=a.backward)
+               for _ in range(3))
+    calls = _contenders(a, q, k, v)
+    for call in calls.values():
+        call()
+    torch.cuda.synchronize()
+    samples: list = []
+    stop = threading.Event()
+    threading.Thread(target=_sampler, args=(samples, stop), daemon=True).start()
+    bench._spin_up()
+    what = "backward" if a.backward else "forward"
+    print(f"{torch.cuda.get_device_name()}, {n} tokens, {what}; do_bench medians (ms), mean SM clock (MHz) and "
+          f"power (W) while timed; ratio = FlexAttention / s2attn")
+    names = list(calls)
+    print("| round | " + " | ".join(f"{x} ms | MHz | W" for x in names) + " | ratio |")
+    print("|---|" + "---|---|---|" * len(names) + "---|")
+    for r in range(a.rounds):
+        row = {x: _timed(calls[x], samples) for x in names}
+        cells = " | ".join(f"{ms:.2f} | {mhz:.0f} | {w:.0f}" for ms, mhz, w in row.values())
+        print(f"| {r} | {cells} | {row['flex-128'][0] / row['s2attn'][0]:.3f} |", flush=True)
+    stop.set()
+
+
+if __name__ == "__main__":
+    main()
