@@ -17,8 +17,8 @@ from s2attn.kernels import launch
 from s2attn.patterns import local_stride
 
 
-def kernel_times(seqlen, heads=32, dim=128, reps=3, show_all=False):
-    pat = local_stride(heads, seqlen, 64, 8, 16)
+def kernel_times(seqlen, heads=32, dim=128, block=64, reps=3, show_all=False):
+    pat = local_stride(heads, seqlen, block, 512 // block, 16)  # local 512 tokens, stride 16 blocks
     q, k, v = (torch.randn(1, seqlen, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
     run = lambda: ops.attention(q, k, v, pat, softmax_scale=dim**-0.5, causal=True, layout="bshd",  # noqa: E731
@@ -51,6 +51,7 @@ def main():
     ap.add_argument("--seqlens", default="32768,131072")
     ap.add_argument("--only", default="", help="comma-separated substrings: run the variants whose name has one")
     ap.add_argument("--all-kernels", action="store_true", help="list every kernel's time under each variant")
+    ap.add_argument("--block", type=int, default=64, help="the pattern's block size")
     a = ap.parse_args()
     T = launch.Tiles
     default_splits = launch.DKDV_SPLITS
@@ -72,7 +73,7 @@ def main():
             launch.TILE_OVERRIDES.update(tiles)
             launch.DKDV_SPLITS = splits or default_splits
             try:
-                t = kernel_times(seqlen, show_all=a.all_kernels)
+                t = kernel_times(seqlen, block=a.block, show_all=a.all_kernels)
                 long, short = t.get("_attn_bwd_dkdv_long", 0), t.get("_attn_bwd_dkdv", 0)
                 bwd = t.get("_attn_bwd_dq", 0) + long + short + t["other"]
                 print(f"| {seqlen} | {name} | {t.get('_attn_fwd', 0):.2f} | {t.get('_attn_bwd_dq', 0):.2f} | "

@@ -13,7 +13,8 @@ if [[ $what == tests || $what == all ]]; then
   python3 -m pytest ${TEST_PATHS:-tests/kernels} --collect-only -q 2>/dev/null | grep "::" > "$shards/nodes"
   split -n r/${TEST_SHARDS:-8} "$shards/nodes" "$shards/shard."
   for f in "$shards"/shard.*; do
-    (timeout ${TEST_TIMEOUT:-420} python3 -m pytest -q -p no:warnings $(cat "$f") > "$f.log" 2>&1; echo "exit $?" >> "$f.log") &
+    mapfile -t ids < "$f"  # one test id a line; ids may hold spaces
+    (timeout ${TEST_TIMEOUT:-420} python3 -m pytest -q -p no:warnings "${ids[@]}" > "$f.log" 2>&1; echo "exit $?" >> "$f.log") &
   done
   wait
   cat "$shards"/shard.*.log > "$OUT/tests.log"

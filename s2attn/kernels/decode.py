@@ -188,6 +188,9 @@ def decode_attention(
     Split-KV when ``partial_out (batch, heads, splits, d)`` / ``partial_lse (batch, heads, splits)``
     (fp32) are given, with ``splits > 1``. Launches only: no allocation, no host sync.
     """
+    if not (q.is_cuda or interpreting()):
+        raise ValueError(f"decode_attention runs a Triton kernel: q and the cache must be on a CUDA device "
+                         f"(or set TRITON_INTERPRET=1 for the slow CPU interpreter), got {q.device}")
     batch, heads, head_dim = q.shape
     num_pages, block, _ = k_pages.shape
     kv_heads = page_table.shape[1]

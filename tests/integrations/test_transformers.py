@@ -32,7 +32,9 @@ def eager_check(module, query, key, value, attention_mask, scaling=None, dropout
         allowed = torch.ones(1, sq, sk, dtype=torch.bool).tril(sk - sq)
     else:
         allowed = pattern.to_token_mask(sq, sk)
-    additive = torch.zeros(allowed.shape, dtype=query.dtype).masked_fill(~allowed, float("-inf"))[None]
+    allowed = allowed.to(query.device)
+    additive = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
+    additive = additive.masked_fill(~allowed, float("-inf"))[None]
     return eager_attention_forward(module, query, key, value, additive, scaling=scaling, dropout=dropout)
 
 
@@ -214,12 +216,13 @@ def test_hhst_config_copies_and_sets_implementation():
 def test_generate_with_sparse_paged_cache_matches_and_keeps_fewer_blocks(padded):
     from s2attn.integrations.transformers import S2Cache
 
-    model = tiny()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # paged decode is a Triton kernel (interpreted on CPU)
+    model = tiny().to(device)
     lengths = (150, 97) if padded else (150, 150)
     rows = [tokens(1, n, seed=7 + i)[0].tolist() for i, n in enumerate(lengths)]
     width = max(lengths)
-    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])  # left padding
-    mask = (torch.arange(width)[None] >= torch.tensor([width - n for n in lengths])[:, None]).long()
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows], device=device)  # left padding
+    mask = (torch.arange(width)[None] >= torch.tensor([width - n for n in lengths])[:, None]).long().to(device)
     kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True)
     # unpadded: transformers' eager attention under the expanded mask; padded: the default DynamicCache
     # (whose padding handling is checked against unpadded runs above)
