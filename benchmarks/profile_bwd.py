@@ -58,6 +58,8 @@ def main():
     variants = [("default", {}, None)]
     for bm, bn, w, st in [(32, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 4)]:
         variants.append((f"long bm{bm} bn{bn} w{w} s{st}", {"dkdv_long": T(bm, bn, w, st)}, None))
+    for bn in (16, 32):  # the short-column kernel's key tile (default: 64 keys, several small blocks to a tile)
+        variants.append((f"short bn{bn}", {"dkdv": T(32, bn, 4, 3)}, None))
     # unpaired query tiles small enough for two programs per SM (shared memory)
     for kernel, bm, w, st in [("dq", 64, 4, 2), ("dq", 64, 4, 3), ("dq", 128, 8, 3), ("fwd", 64, 4, 2)]:
         variants.append((f"{kernel} bm{bm} w{w} s{st} unpaired", {kernel: T(bm, 64, w, st)}, None))

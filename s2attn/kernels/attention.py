@@ -378,14 +378,15 @@ def _attn_bwd_dq(
 def _dkdv_segment(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos, stride_ls,
     k_pos, kb, offs_m, offs_d, q_off, len_q, qk_scale,
-    start, count, ent_base, tab_tile, tab_bits, open_lo,
+    start, count, ent_base, tab_tile, tab_bits, row_lo, row_hi,
     local, stride, shift, dense,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     MASK: tl.constexpr, TABLE: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Query tiles ``start + i`` (or table entries), ``i < count``, against one key tile: dk, dv updated.
-    MASK 0: none; 1: the block rule of key block ``kb`` (or the entry's bits) and causality; 2: key row
-    ``r`` only from query tile ``open_lo[r]`` on (long columns side by side)."""
+    MASK 0: none; 2: key row ``r`` only in query tiles ``row_lo[r]..row_hi[r]`` (several key blocks to a
+    tile); 1: that, the block rule of each row's key block ``kb[r]`` and causality, or with ``TABLE``
+    the entry's bits (one key block ``kb``) and causality."""
     d_ok = offs_d < HEAD_DIM
     for i in range(count):
         if TABLE:
@@ -408,14 +409,16 @@ def _dkdv_segment(
             if TABLE:
                 bits = tl.load(tab_bits + ent_base + i)
                 allowed = ((bits >> (qb_rows - (tile * BLOCK_M) // BLOCK)) & 1) != 0
+                ok = allowed[None, :]
             else:
-                allowed = _rows_allowed(qb_rows, kb, local, stride, shift, dense, CAUSAL)
-            ok = allowed[None, :]
+                in_rows = (row_lo <= tile) & (tile <= row_hi)
+                ok = _rows_allowed(qb_rows[None, :], kb[:, None], local, stride, shift, dense, CAUSAL)
+                ok = ok & in_rows[:, None]
             if CAUSAL:
                 ok = ok & (k_pos[:, None] <= q_pos[None, :])
             pt = tl.where(ok, pt, 0.0)
         elif MASK == 2:
-            pt = tl.where((open_lo <= tile)[:, None], pt, 0.0)
+            pt = tl.where(((row_lo <= tile) & (tile <= row_hi))[:, None], pt, 0.0)
         dv += _dot(pt.to(do.dtype), do, UPCAST)
         dpt = _dot(v, tl.trans(do), UPCAST)
         dst = pt * (dpt - delta[None, :])
@@ -530,7 +533,7 @@ def _attn_bwd_dkdv_long(
              LSE + b * stride_lb + h * stride_lh + q_start * stride_ls,
              DELTA + b * stride_lb + h * stride_lh + q_start * stride_ls,
              stride_qs, stride_dos, stride_ls, k_pos, kb, offs_m, offs_d, q_off, len_q, qk_scale)
-    rule = (0, Q, Q, open_lo, local, stride, shift, dense)
+    rule = (0, Q, Q, open_lo, open_lo * 0 + q_tile_hi, local, stride, shift, dense)
     masked_hi = tl.minimum(hi, all_open)
     dk, dv = _dkdv_segment(dk, dv, k, v, *state, lo, masked_hi - lo, *rule, BLOCK, BLOCK_M, HEAD_DIM, CAUSAL,
                            2, False, UPCAST)
@@ -582,7 +585,10 @@ def _attn_bwd_dkdv(
     offs_d = tl.arange(0, BLOCK_D)
     offs_m = tl.arange(0, BLOCK_M)
     k_pos = pid_n * BLOCK_N + offs_n
-    kb = (pid_n * BLOCK_N) // BLOCK
+    if TABLE:
+        kb = (pid_n * BLOCK_N) // BLOCK
+    else:
+        kb = k_pos // BLOCK  # rule: the key tile may hold several blocks
     kv_mask = (k_pos < len_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
     k = _load_rows(K + b * stride_kb + kvh * stride_kh, k_start + k_pos, stride_ks, kv_mask, BLOCK_D)
     v = _load_rows(V + b * stride_vb + kvh * stride_vh, k_start + k_pos, stride_vs, kv_mask, BLOCK_D)
@@ -603,25 +609,32 @@ def _attn_bwd_dkdv(
             lo = tl.minimum(split * chunk, cnt)
             n = tl.minimum(cnt - lo, chunk)
             work += n
-            dk, dv = _dkdv_segment(dk, dv, k, v, *state, 0, n, ent + lo, tab_tile, tab_bits, kb, 1, 1, 0, False,
-                                   BLOCK, BLOCK_M, HEAD_DIM, CAUSAL, 1, True, UPCAST)
+            dk, dv = _dkdv_segment(dk, dv, k, v, *state, 0, n, ent + lo, tab_tile, tab_bits, kb, kb, 1, 1, 0,
+                                   False, BLOCK, BLOCK_M, HEAD_DIM, CAUSAL, 1, True, UPCAST)
         else:
             shift, dense = _head_rule(h, stride, step, offset, heads_per_group, head_base, sparse_groups,
                                       homogeneous)
+            # per key row, then for the tile: masked tiles [lo, u_lo), tiles every row reads in full or not at
+            # all [u_lo, u_hi] (a long row only up to its own hi: the long pass has the rest), masked (u_hi, hi]
             lo, u_lo, u_hi, hi, long = _col_tiles(kb, q_tile_lo, q_tile_hi, local, stride, shift, dense, BLOCK,
                                                   BLOCK_M, CAUSAL, OPEN_ALIGN)
-            rule = (0, tab_tile, tab_bits, kb, local, stride, shift, dense)
-            dk, dv = _dkdv_segment(dk, dv, k, v, *state, lo, u_lo - lo, *rule, BLOCK, BLOCK_M, HEAD_DIM, CAUSAL, 1,
-                                   False, UPCAST)
-            dk, dv = _dkdv_segment(dk, dv, k, v, *state, u_lo, u_hi - u_lo + 1, *rule, BLOCK, BLOCK_M, HEAD_DIM,
-                                   CAUSAL, 0, False, UPCAST)
-            dk, dv = _dkdv_segment(dk, dv, k, v, *state, u_hi + 1, hi - u_hi, *rule, BLOCK, BLOCK_M, HEAD_DIM,
+            rule = (0, tab_tile, tab_bits, lo, hi, local, stride, shift, dense)
+            t_lo = tl.min(lo, 0)
+            t_hi = tl.max(hi, 0)
+            t_ulo = tl.max(u_lo, 0)
+            t_uhi = tl.maximum(tl.minimum(tl.min(tl.where(long, t_hi, u_hi), 0), t_hi), t_ulo - 1)
+            dk, dv = _dkdv_segment(dk, dv, k, v, *state, t_lo, t_ulo - t_lo, *rule, BLOCK, BLOCK_M, HEAD_DIM,
                                    CAUSAL, 1, False, UPCAST)
-            if long:
+            dk, dv = _dkdv_segment(dk, dv, k, v, *state, t_ulo, t_uhi - t_ulo + 1, *rule, BLOCK, BLOCK_M, HEAD_DIM,
+                                   CAUSAL, 2 if BLOCK_N > BLOCK else 0, False, UPCAST)
+            dk, dv = _dkdv_segment(dk, dv, k, v, *state, t_uhi + 1, t_hi - t_uhi, *rule, BLOCK, BLOCK_M, HEAD_DIM,
+                                   CAUSAL, 1, False, UPCAST)
+            if tl.max(long.to(tl.int32), 0) > 0:
                 c = tl.where(dense, kb, (kb - _first_congruent(0, stride, shift)) // stride)
                 where = (b, k_start, c, h, k_pos - kb * BLOCK, offs_d, n_heads, part_cols, part_stride)
-                dk += tl.load(_long_col_ptrs(PART_K, *where, BLOCK, BLOCK_D, VARLEN), mask=kv_mask, other=0.0)
-                dv += tl.load(_long_col_ptrs(PART_V, *where, BLOCK, BLOCK_D, VARLEN), mask=kv_mask, other=0.0)
+                p_mask = kv_mask & long[:, None]
+                dk += tl.load(_long_col_ptrs(PART_K, *where, BLOCK, BLOCK_D, VARLEN), mask=p_mask, other=0.0)
+                dv += tl.load(_long_col_ptrs(PART_V, *where, BLOCK, BLOCK_D, VARLEN), mask=p_mask, other=0.0)
     k_rows = k_start + k_pos
     dk_ptrs = DK + b * stride_dkb + k_rows[:, None] * stride_dks + kvh * stride_dkh + offs_d[None, :]
     dv_ptrs = DV + b * stride_dvb + k_rows[:, None] * stride_dvs + kvh * stride_dvh + offs_d[None, :]

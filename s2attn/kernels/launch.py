@@ -62,6 +62,8 @@ def tiles(kernel: str, block: int, head_dim: int, table: bool, itemsize: int = 2
         # columns side by side in 128-key tiles past 32k keys, 64-key tiles up to it (H100, block 64:
         # 39.0 vs 40.9 ms at 128k, 2.86 vs 2.58 ms at 32k)
         block_n = 128 if seqlen > 32768 else 64
+    elif kernel == "dkdv" and not table and block < 64:
+        block_n = 64  # consecutive small blocks in one key tile, each query tile loaded once for all of them
     else:
         block_n = min(block, 64)
     wide = head_dim > 128
