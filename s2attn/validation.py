@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -135,10 +136,27 @@ def check_seqlens(name_q: str, seqlen_q: int, name_k: str, seqlen_k: int) -> Non
                          f"so there must be at least as many keys as queries")
 
 
+_BOUNDS: dict[int, tuple] = {}  # id(cu_seqlens) -> (weak reference, in-place version, boundaries)
+
+
+def boundaries(cu: torch.Tensor) -> list[int]:
+    """``cu.tolist()``, read once per tensor and in-place version: a model passes the same
+    ``cu_seqlens`` to every layer, and each read from a GPU waits for it (a host sync)."""
+    seen = _BOUNDS.get(id(cu))
+    if seen is not None and seen[0]() is cu and seen[1] == cu._version:
+        return seen[2]
+    if seen is None or seen[0]() is not cu:
+        weakref.finalize(cu, _BOUNDS.pop, id(cu), None)  # forget it with the tensor
+    bounds = cu.tolist()
+    _BOUNDS[id(cu)] = (weakref.ref(cu), cu._version, bounds)
+    return bounds
+
+
 def check_cu_seqlens(name: str, cu_seqlens: object, total: int, device: torch.device) -> list[int]:
     """``cu_seqlens``: int32, 1-D ``(batch + 1,)``, starts at 0, non-decreasing, ends at ``total``.
 
-    Returns the boundaries as a Python list (one small device-to-host copy).
+    Returns the boundaries as a Python list (one small device-to-host copy per tensor, see
+    :func:`boundaries`).
     """
     cu = check_tensor(name, cu_seqlens)
     if cu.dtype != torch.int32:
@@ -147,7 +165,7 @@ def check_cu_seqlens(name: str, cu_seqlens: object, total: int, device: torch.de
         raise ValueError(f"{name}.shape={tuple(cu.shape)}: expected 1-D (batch + 1,) with batch >= 1")
     if cu.device != device:
         raise ValueError(f"{name} is on device {cu.device}: expected the device of q ({device})")
-    bounds = cu.tolist()
+    bounds = boundaries(cu)
     if bounds[0] != 0:
         raise ValueError(f"{name}[0]={bounds[0]}: expected 0")
     for i in range(1, len(bounds)):

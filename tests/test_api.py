@@ -208,6 +208,23 @@ def test_bad_varlen_inputs_raise_clear_errors(case, change, exc, text):
     assert text in str(info.value)
 
 
+def test_cu_seqlens_read_once_per_version(monkeypatch):
+    """A model passes one ``cu_seqlens`` to every layer: its values are read (a host sync on a GPU) once,
+    and read again after an in-place change, which is then caught."""
+    from s2attn.validation import check_cu_seqlens
+
+    real, reads = torch.Tensor.tolist, []
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(self) or real(self))
+    bounds = cu(0, 9, 9, 40)
+    for _ in range(3):
+        assert check_cu_seqlens("cu_seqlens_q", bounds, 40, bounds.device) == [0, 9, 9, 40]
+    assert len(reads) == 1
+    bounds[2] = 8
+    with pytest.raises(ValueError, match=r"cu_seqlens_q\[2\]=8 < cu_seqlens_q\[1\]=9"):
+        check_cu_seqlens("cu_seqlens_q", bounds, 40, bounds.device)
+    assert len(reads) == 2
+
+
 def test_readme_example_runs(tmp_path, monkeypatch):
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     example = readme.split("```python\n", 1)[1].split("```", 1)[0]

@@ -46,6 +46,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from ..api import sparse_attention, sparse_attention_varlen
 from ..patterns import BlockPattern, dense, local_stride
+from ..validation import boundaries
 
 NAME = "s2attn"
 DEFAULTS: dict[str, Any] = {
@@ -273,8 +274,9 @@ def _varlen_plan(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.T
         raise ValueError(f"cu_seq_lens_q: packed sequences need as many queries as keys, got seqlen_q={seqlen_q}, "
                          f"seqlen_k={seqlen_k} (packing with a KV cache is not supported)")
     cu_k = cu_q if cu_k is None else cu_k
-    if not torch.equal(cu_q.cpu(), cu_k.cpu()) or int(cu_q[-1]) != batch * seqlen_q:
-        raise ValueError(f"cu_seq_lens_q={cu_q.tolist()}, cu_seq_lens_k={cu_k.tolist()}: expected equal boundaries "
+    bounds_q, bounds_k = boundaries(cu_q), boundaries(cu_k)  # read once per tensor, not once per layer
+    if bounds_q != bounds_k or bounds_q[-1] != batch * seqlen_q:
+        raise ValueError(f"cu_seq_lens_q={bounds_q}, cu_seq_lens_k={bounds_k}: expected equal boundaries "
                          f"ending at batch * seq_len = {batch * seqlen_q}")
     rows = torch.arange(batch * seqlen_q, device=query.device)
     return rows, rows, cu_q.to(torch.int32), cu_k.to(torch.int32)

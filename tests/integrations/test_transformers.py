@@ -168,6 +168,9 @@ def test_unsupported_inputs_are_refused():
         model(x, attention_mask=hole)
     with pytest.raises(ValueError, match="past_key_values"):
         model(x, past_key_values=StaticCache(config=model.config, max_cache_len=64), use_cache=True)
+    with pytest.raises(ValueError, match=r"cu_seq_lens_q=\[0, 10, 40\], cu_seq_lens_k=\[0, 20, 40\]: expected equal"):
+        model(x, cu_seq_lens_q=torch.tensor([0, 10, 40], dtype=torch.int32),
+              cu_seq_lens_k=torch.tensor([0, 20, 40], dtype=torch.int32), max_length_q=30, max_length_k=30)
     with pytest.raises(ValueError, match="dropout"):
         bad = tiny()
         bad.config.attention_dropout = 0.1
