@@ -39,9 +39,10 @@ def interpreting() -> bool:
 
 
 def tiles(kernel: str, block: int, head_dim: int, table: bool, itemsize: int = 2, seqlen: int = 0) -> Tiles:
-    """Tile shapes per kernel. Keys are read in tiles of ``min(block, 64)`` so a small pattern block
-    wastes nothing (the long-column pass sets blocks side by side instead: 64 or 128 keys); queries in
-    tiles of 64–128 so small pattern blocks merge (Merge-Q). Rows wider than 512 bytes (fp32 at
+    """Tile shapes per kernel. The forward and dQ read keys in tiles of ``min(block, 64)`` so a small
+    pattern block wastes nothing; the dK/dV kernels set small blocks side by side in 64-key tiles
+    (the long pass: 64 or 128 keys) and mask per key row; queries in tiles of 32–128, so small pattern
+    blocks merge (Merge-Q). Rows wider than 512 bytes (fp32 at
     head_dim 256) take 32-key tiles, unpipelined, to fit shared memory. The two dK/dV kernels may take
     different query tiles: a long column's full tiles start at a multiple of both (``OPEN_ALIGN``).
     ``seqlen`` is the number of keys."""
