@@ -243,8 +243,9 @@ def s2attn_attention_forward(
         pattern = _dense_pattern(layer_pattern_len(module.config, seqlen_k), block, causal)
     q, k, v = (x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3]) for x in (query, key, value))
     q, k, v = q.index_select(0, q_idx), k.index_select(0, k_idx), v.index_select(0, k_idx)
-    max_q = int((cu_q[1:] - cu_q[:-1]).max()) if cu_q.numel() > 1 else 0
-    max_k = int((cu_k[1:] - cu_k[:-1]).max()) if cu_k.numel() > 1 else 0
+    # the longest sequences, from the boundaries as validation reads them (once per tensor, not per layer)
+    max_q, max_k = (max((b - a for a, b in zip(bounds, bounds[1:])), default=0)
+                    for bounds in (boundaries(cu_q), boundaries(cu_k)))
     packed = sparse_attention_varlen(q, k, v, cu_q.to(q.device), cu_k.to(q.device), max_q, max_k, pattern,
                                      softmax_scale=scaling, causal=causal)
     out = packed.new_zeros(query.shape[0] * seqlen_q, query.shape[1], query.shape[3])

@@ -42,10 +42,9 @@ def tiles(kernel: str, block: int, head_dim: int, table: bool, itemsize: int = 2
     """Tile shapes per kernel. The forward and dQ read keys in tiles of ``min(block, 64)`` so a small
     pattern block wastes nothing; the dK/dV kernels set small blocks side by side in 64-key tiles
     (the long pass: 64 or 128 keys) and mask per key row; queries in tiles of 32–128, so small pattern
-    blocks merge (Merge-Q). Rows wider than 512 bytes (fp32 at
-    head_dim 256) take 32-key tiles, unpipelined, to fit shared memory. The two dK/dV kernels may take
-    different query tiles: a long column's full tiles start at a multiple of both (``OPEN_ALIGN``).
-    ``seqlen`` is the number of keys."""
+    blocks merge (Merge-Q). Rows wider than 512 bytes (fp32 at head_dim 256) take 32-key tiles,
+    unpipelined, to fit shared memory. The two dK/dV kernels may take different query tiles: a long
+    column's full tiles start at a multiple of both (``OPEN_ALIGN``). ``seqlen`` is the number of keys."""
     if kernel in TILE_OVERRIDES:
         return TILE_OVERRIDES[kernel]
     row_bytes = head_dim * itemsize
@@ -178,20 +177,16 @@ def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, row
 
     t = tiles("dkdv", block, head_dim, use_table, q.element_size())
     n_kb = triton.cdiv(max_k, block)
-    chunk, splits = _column_chunks(max_q, t.block_m, deterministic)
-    atomic = use_table and splits > 1  # split table columns add up in fp32
-    if atomic:
-        dk, dv = (torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (k, v))
-    else:
-        dk, dv = _new_like(k), _new_like(v)
     seq = (q, k, v, do)
     strides = [s for x in seq for s in _strides(x, varlen)]
     # long columns (rule path): their full query tiles first, as fp32 partial sums per query head
     part_stride = 1 if has_dense else rule[1]
     part_cols = triton.cdiv(n_kb, part_stride)
-    if use_table:
-        parts = row_table[:2]
+    if use_table:  # table columns are split across programs instead
+        chunk, table_splits = _column_chunks(max_q, t.block_m, deterministic)
+        parts, open_align = row_table[:2], t.block_m
     else:
+        table_splits = 1
         lt = tiles("dkdv_long", block, head_dim, False, q.element_size(), max_k)
         open_align = max(lt.block_m, t.block_m)  # where a long column's two passes meet (powers of two)
         chunk, splits = _column_chunks(max_q, lt.block_m, deterministic)
@@ -207,12 +202,16 @@ def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, row
             BLOCK_M=lt.block_m, BLOCK_N=lt.block_n, COLS=cols, ATOMIC=splits > 1, OPEN_ALIGN=open_align,
             num_warps=lt.num_warps, num_stages=lt.num_stages, **common,
         )
-    n_splits = splits if use_table else 1
-    _attn_bwd_dkdv[(triton.cdiv(max_k, t.block_n), kv_heads * n_splits, batch)](
+    atomic = table_splits > 1  # split table columns add up in fp32
+    if atomic:
+        dk, dv = (torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (k, v))
+    else:
+        dk, dv = _new_like(k), _new_like(v)
+    _attn_bwd_dkdv[(triton.cdiv(max_k, t.block_n), kv_heads * table_splits, batch)](
         *seq, dk, dv, lse, delta, *parts, cu_q, cu_k, *col_table,
         *strides, *_strides(dk, varlen), *_strides(dv, varlen), *lse_strides,
-        max_q, max_k, heads // kv_heads, heads, n_kb, scale * LOG2E, scale, chunk, n_splits, part_cols, part_stride,
-        *rule, BLOCK_M=t.block_m, BLOCK_N=t.block_n, TABLE=use_table, ATOMIC=atomic,
-        OPEN_ALIGN=t.block_m if use_table else open_align, num_warps=t.num_warps, num_stages=t.num_stages, **common,
+        max_q, max_k, heads // kv_heads, heads, n_kb, scale * LOG2E, scale, chunk, table_splits, part_cols,
+        part_stride, *rule, BLOCK_M=t.block_m, BLOCK_N=t.block_n, TABLE=use_table, ATOMIC=atomic,
+        OPEN_ALIGN=open_align, num_warps=t.num_warps, num_stages=t.num_stages, **common,
     )
     return dq, dk.to(k.dtype), dv.to(v.dtype)
