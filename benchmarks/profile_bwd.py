@@ -54,26 +54,27 @@ def main():
     ap.add_argument("--block", type=int, default=64, help="the pattern's block size")
     a = ap.parse_args()
     T = launch.Tiles
-    default_splits = launch.DKDV_SPLITS
-    variants = [("default", {}, None)]
-    for bm, bn, w, st in [(32, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 4)]:
-        variants.append((f"long bm{bm} bn{bn} w{w} s{st}", {"dkdv_long": T(bm, bn, w, st)}, None))
+    defaults = {name: getattr(launch, name) for name in ("DKDV_SPLITS",)}
+    variants = [("default", {}, {})]
+    for bm, bn, w, st in [(32, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 4)]:
+        variants.append((f"long bm{bm} bn{bn} w{w} s{st}", {"dkdv_long": T(bm, bn, w, st)}, {}))
     for bn in (16, 32):  # the short-column kernel's key tile (default: 64 keys, several small blocks to a tile)
-        variants.append((f"short bn{bn}", {"dkdv": T(32, bn, 4, 3)}, None))
+        variants.append((f"short bn{bn}", {"dkdv": T(32, bn, 4, 3)}, {}))
     # unpaired query tiles small enough for two programs per SM (shared memory)
     for kernel, bm, w, st in [("dq", 64, 4, 2), ("dq", 64, 4, 3), ("dq", 128, 8, 3), ("fwd", 64, 4, 2)]:
-        variants.append((f"{kernel} bm{bm} w{w} s{st} unpaired", {kernel: T(bm, 64, w, st)}, None))
+        variants.append((f"{kernel} bm{bm} w{w} s{st} unpaired", {kernel: T(bm, 64, w, st)}, {}))
     for splits in (2, 8):
-        variants.append((f"splits{splits}", {}, splits))
+        variants.append((f"splits{splits}", {}, {"DKDV_SPLITS": splits}))
     wanted = [x for x in a.only.split(",") if x]
     variants = [v for v in variants if not wanted or any(x in v[0] for x in wanted)]
     print("| seqlen | variant | fwd | dq | dkdv (long + short) | other | bwd total |")
     print("|---|---|---|---|---|---|---|")
     for seqlen in [int(s) for s in a.seqlens.split(",")]:
-        for name, tiles, splits in variants:
+        for name, tiles, settings in variants:
             launch.TILE_OVERRIDES.clear()
             launch.TILE_OVERRIDES.update(tiles)
-            launch.DKDV_SPLITS = splits or default_splits
+            for key, value in {**defaults, **settings}.items():
+                setattr(launch, key, value)
             try:
                 t = kernel_times(seqlen, block=a.block, show_all=a.all_kernels)
                 long, short = t.get("_attn_bwd_dkdv_long", 0), t.get("_attn_bwd_dkdv", 0)

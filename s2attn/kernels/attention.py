@@ -173,7 +173,10 @@ def _row_tile(acc, m_i, l_i, q, do, lse2, delta, k_base, v_base, stride_ks, stri
               UPCAST: tl.constexpr, BACKWARD: tl.constexpr):
     """One tile of keys at positions ``k_pos`` against the query tile. Forward: online-softmax update
     of ``(acc, m_i, l_i)``. Backward: ``acc += dS @ K`` (dQ), with P recomputed from ``lse2``."""
-    kv_mask = (k_pos < len_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    if MASKED:
+        kv_mask = (k_pos < len_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    else:  # an unmasked tile's keys all lie before the query tile, inside the sequence
+        kv_mask = (offs_d < HEAD_DIM)[None, :]
     k = tl.load(k_base + k_pos[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
     s = _dot(q, tl.trans(k), UPCAST)  # unscaled: the scale goes into each exponent's multiply-add
     if BACKWARD:
