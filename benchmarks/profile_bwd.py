@@ -54,8 +54,10 @@ def main():
     ap.add_argument("--block", type=int, default=64, help="the pattern's block size")
     a = ap.parse_args()
     T = launch.Tiles
-    defaults = {name: getattr(launch, name) for name in ("DKDV_SPLITS",)}
+    defaults = {name: getattr(launch, name) for name in ("DKDV_SPLITS", "USE_TMA")}
     variants = [("default", {}, {})]
+    for off in ("fwd", "dq", "dkdv"):  # one kernel back on plain loads
+        variants.append((f"no TMA {off}", {}, {"USE_TMA": {**launch.USE_TMA, off: False}}))
     for bm, bn, w, st in [(32, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 4)]:
         variants.append((f"long bm{bm} bn{bn} w{w} s{st}", {"dkdv_long": T(bm, bn, w, st)}, {}))
     for bn in (16, 32):  # the short-column kernel's key tile (default: 64 keys, several small blocks to a tile)

@@ -168,19 +168,27 @@ def _tile_ok(row_ok, q_pos, k_pos, len_k, CAUSAL: tl.constexpr):
 
 # --------------------------------------------------------------------------- query-major: forward and dQ
 @triton.jit
-def _row_tile(acc, m_i, l_i, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, q_pos, k_pos, offs_d, len_k,
-              qk_scale, row_ok, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
-              UPCAST: tl.constexpr, BACKWARD: tl.constexpr):
+def _row_tile(acc, m_i, l_i, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, k_desc, v_desc, desc_b,
+              desc_row, desc_h, q_pos, k_pos, offs_d, len_k, qk_scale, row_ok, HEAD_DIM: tl.constexpr,
+              BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr,
+              BACKWARD: tl.constexpr, TMA: tl.constexpr):
     """One tile of keys at positions ``k_pos`` against the query tile. Forward: online-softmax update
-    of ``(acc, m_i, l_i)``. Backward: ``acc += dS @ K`` (dQ), with P recomputed from ``lse2``."""
+    of ``(acc, m_i, l_i)``. Backward: ``acc += dS @ K`` (dQ), with P recomputed from ``lse2``. With ``TMA``
+    the keys are consecutive and K / V come through descriptors from row ``desc_row``; rows past the
+    sequence may hold anything finite (their scores are masked)."""
     if MASKED:
         kv_mask = (k_pos < len_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
     else:  # an unmasked tile's keys all lie before the query tile, inside the sequence
         kv_mask = (offs_d < HEAD_DIM)[None, :]
-    k = tl.load(k_base + k_pos[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+    if TMA:
+        k = tl.reshape(k_desc.load([desc_b, desc_row, desc_h, 0]), [k_pos.shape[0], BLOCK_D])
+        v = tl.reshape(v_desc.load([desc_b, desc_row, desc_h, 0]), [k_pos.shape[0], BLOCK_D])
+    else:
+        k = tl.load(k_base + k_pos[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
     s = _dot(q, tl.trans(k), UPCAST)  # unscaled: the scale goes into each exponent's multiply-add
     if BACKWARD:
-        v = tl.load(v_base + k_pos[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        if not TMA:
+            v = tl.load(v_base + k_pos[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
         p = tl.exp2(s * qk_scale - lse2[:, None])
         if MASKED:
             p = tl.where(_tile_ok(row_ok, q_pos, k_pos, len_k, CAUSAL), p, 0.0)
@@ -195,7 +203,8 @@ def _row_tile(acc, m_i, l_i, q, do, lse2, delta, k_base, v_base, stride_ks, stri
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s * qk_scale - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + k_pos[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        if not TMA:
+            v = tl.load(v_base + k_pos[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
         m_i = m_new
     return acc, m_i, l_i
@@ -203,12 +212,13 @@ def _row_tile(acc, m_i, l_i, q, do, lse2, delta, k_base, v_base, stride_ks, stri
 
 @triton.jit
 def _row_segment(
-    acc, m_i, l_i, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs,
-    q_pos, qb_rows, offs_n, offs_d, len_k, qk_scale,
+    acc, m_i, l_i, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, k_desc, v_desc, desc_b, desc_row0,
+    desc_h, q_pos, qb_rows, offs_n, offs_d, len_k, qk_scale,
     start, step, count, ent_base, tab_kb, tab_bits, qb_lo,
     local, stride, shift, dense,
-    BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     MASKED: tl.constexpr, TABLE: tl.constexpr, UPCAST: tl.constexpr, BACKWARD: tl.constexpr, PAIRS: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """The key blocks ``start + i * step`` (or table entries), ``i < count``. With ``PAIRS`` (unmasked
     segments; only when ``BLOCK_N == BLOCK``, else ignored), two blocks of the segment, wherever they
@@ -218,9 +228,9 @@ def _row_segment(
         pair_off = (offs_2 // BLOCK) * (step * BLOCK) + offs_2 % BLOCK
         for i in range(count // 2):
             k_pos = (start + 2 * i * step) * BLOCK + pair_off
-            acc, m_i, l_i = _row_tile(acc, m_i, l_i, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, q_pos,
-                                      k_pos, offs_d, len_k, qk_scale, q_pos >= 0, HEAD_DIM, CAUSAL, False, UPCAST,
-                                      BACKWARD)
+            acc, m_i, l_i = _row_tile(acc, m_i, l_i, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs,
+                                      k_desc, v_desc, desc_b, 0, desc_h, q_pos, k_pos, offs_d, len_k, qk_scale,
+                                      q_pos >= 0, HEAD_DIM, BLOCK_D, CAUSAL, False, UPCAST, BACKWARD, False)
         start += (count - count % 2) * step
         count = count % 2
     for i in range(count):
@@ -228,9 +238,10 @@ def _row_segment(
                                     shift, dense, CAUSAL, MASKED, TABLE)
         for sub in tl.static_range(BLOCK // BLOCK_N):
             k_pos = kb * BLOCK + sub * BLOCK_N + offs_n
-            acc, m_i, l_i = _row_tile(acc, m_i, l_i, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, q_pos,
-                                      k_pos, offs_d, len_k, qk_scale, row_ok, HEAD_DIM, CAUSAL, MASKED, UPCAST,
-                                      BACKWARD)
+            acc, m_i, l_i = _row_tile(acc, m_i, l_i, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs,
+                                      k_desc, v_desc, desc_b, desc_row0 + kb * BLOCK + sub * BLOCK_N, desc_h, q_pos,
+                                      k_pos, offs_d, len_k, qk_scale, row_ok, HEAD_DIM, BLOCK_D, CAUSAL, MASKED,
+                                      UPCAST, BACKWARD, TMA)
     return acc, m_i, l_i
 
 
@@ -257,11 +268,13 @@ def _load_rows(base, rows, stride_s, io_mask, BLOCK_D: tl.constexpr):
 
 @triton.jit
 def _query_tile_pass(
-    q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, q_pos, len_k, qk_scale, h, tile, n_tiles,
+    q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, k_desc, v_desc, desc_b, k_start, kvh,
+    q_pos, len_k, qk_scale, h, tile, n_tiles,
     tab_ptr, tab_kb, tab_bits,
     local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous, pattern_heads,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, TABLE: tl.constexpr, UPCAST: tl.constexpr, BACKWARD: tl.constexpr, PAIRS: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """Every key block the query tile reads: the table row, or the rule's five segments (unmasked
     vertical; masked window edge; unmasked window; masked diagonal; bidirectional: masked vertical
@@ -275,36 +288,38 @@ def _query_tile_pass(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    state = (q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, q_pos, qb_rows, offs_n, offs_d, len_k, qk_scale)
+    state = (q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, k_desc, v_desc, desc_b, k_start, kvh,
+             q_pos, qb_rows, offs_n, offs_d, len_k, qk_scale)
     if TABLE:
         row = (h % pattern_heads) * n_tiles + tile
         ent = tl.load(tab_ptr + row)
         cnt = tl.load(tab_ptr + row + 1) - ent
         acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, 0, 1, cnt, ent, tab_kb, tab_bits, qb_lo, 1, 1, 0, False,
-                                     BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, True, True, UPCAST, BACKWARD, False)
+                                     BLOCK, BLOCK_N, HEAD_DIM, BLOCK_D, CAUSAL, True, True, UPCAST, BACKWARD, False,
+                                     TMA)
     else:
         shift, dense = _head_rule(h, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous)
         a0, an, b_lo, b_hi, c_lo, c_hi, d_lo, d_hi, e0, en = _row_segments(
             qb_lo, qb_hi, n_kb, local, stride, shift, dense, CAUSAL)
         rule = (0, tab_kb, tab_bits, qb_lo, local, stride, shift, dense)
         a_step = tl.where(dense, 1, stride)
-        acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, a0, a_step, an, *rule,
-                                     BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, False, False, UPCAST, BACKWARD, PAIRS)
-        acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, b_lo, 1, b_hi - b_lo + 1, *rule,
-                                     BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, True, False, UPCAST, BACKWARD, False)
-        acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, c_lo, 1, c_hi - c_lo + 1, *rule,
-                                     BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, False, False, UPCAST, BACKWARD, PAIRS)
-        acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, d_lo, 1, d_hi - d_lo + 1, *rule,
-                                     BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, True, False, UPCAST, BACKWARD, False)
+        acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, a0, a_step, an, *rule, BLOCK, BLOCK_N, HEAD_DIM, BLOCK_D,
+                                     CAUSAL, False, False, UPCAST, BACKWARD, PAIRS, TMA)
+        acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, b_lo, 1, b_hi - b_lo + 1, *rule, BLOCK, BLOCK_N, HEAD_DIM,
+                                     BLOCK_D, CAUSAL, True, False, UPCAST, BACKWARD, False, TMA)
+        acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, c_lo, 1, c_hi - c_lo + 1, *rule, BLOCK, BLOCK_N, HEAD_DIM,
+                                     BLOCK_D, CAUSAL, False, False, UPCAST, BACKWARD, PAIRS, TMA)
+        acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, d_lo, 1, d_hi - d_lo + 1, *rule, BLOCK, BLOCK_N, HEAD_DIM,
+                                     BLOCK_D, CAUSAL, True, False, UPCAST, BACKWARD, False, TMA)
         if not CAUSAL:
-            acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, e0, stride, en, *rule,
-                                         BLOCK, BLOCK_N, HEAD_DIM, CAUSAL, True, False, UPCAST, BACKWARD, False)
+            acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, e0, stride, en, *rule, BLOCK, BLOCK_N, HEAD_DIM,
+                                         BLOCK_D, CAUSAL, True, False, UPCAST, BACKWARD, False, TMA)
     return acc, m_i, l_i
 
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE, cu_q, cu_k, tab_ptr, tab_kb, tab_bits,
+    Q, K, V, O, LSE, cu_q, cu_k, tab_ptr, tab_kb, tab_bits, K_DESC, V_DESC,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls,
     seqlen_q, seqlen_k, heads_per_kv, n_tiles, qk_scale,
@@ -312,6 +327,7 @@ def _attn_fwd(
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, TABLE: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr, PAIRS: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -323,10 +339,10 @@ def _attn_fwd(
     kvh = h // heads_per_kv
     acc, m_i, l_i = _query_tile_pass(
         q, q, 0.0, 0.0, K + b * stride_kb + k_start * stride_ks + kvh * stride_kh,
-        V + b * stride_vb + k_start * stride_vs + kvh * stride_vh, stride_ks, stride_vs, q_pos, len_k, qk_scale,
-        h, tile, n_tiles, tab_ptr, tab_kb, tab_bits,
-        local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous, pattern_heads,
-        BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, CAUSAL, TABLE, UPCAST, False, PAIRS)
+        V + b * stride_vb + k_start * stride_vs + kvh * stride_vh, stride_ks, stride_vs,
+        K_DESC, V_DESC, 0 if VARLEN else b, k_start, kvh, q_pos, len_k, qk_scale, h, tile, n_tiles, tab_ptr, tab_kb,
+        tab_bits, local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous, pattern_heads,
+        BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, CAUSAL, TABLE, UPCAST, False, PAIRS, TMA)
     nonempty = l_i > 0.0
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
     lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
@@ -337,7 +353,7 @@ def _attn_fwd(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, O, DO, DQ, LSE, DLSE, DELTA, cu_q, cu_k, tab_ptr, tab_kb, tab_bits,
+    Q, K, V, O, DO, DQ, LSE, DLSE, DELTA, cu_q, cu_k, tab_ptr, tab_kb, tab_bits, K_DESC, V_DESC,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
     stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh, stride_ls,
@@ -346,7 +362,7 @@ def _attn_bwd_dq(
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, TABLE: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr, PAIRS: tl.constexpr,
-    HAS_DLSE: tl.constexpr,
+    HAS_DLSE: tl.constexpr, TMA: tl.constexpr,
 ):
     """dQ, query-major like the forward (the same pass over key blocks). It also computes and stores
     delta = rowsum(dO * O) - dlse, the softmax-backward row term the dK/dV kernel (launched after) reads."""
@@ -368,10 +384,10 @@ def _attn_bwd_dq(
     kvh = h // heads_per_kv
     dq, _, _ = _query_tile_pass(
         q, do, lse2, delta, K + b * stride_kb + k_start * stride_ks + kvh * stride_kh,
-        V + b * stride_vb + k_start * stride_vs + kvh * stride_vh, stride_ks, stride_vs, q_pos, len_k, qk_scale,
-        h, tile, n_tiles, tab_ptr, tab_kb, tab_bits,
-        local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous, pattern_heads,
-        BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, CAUSAL, TABLE, UPCAST, True, PAIRS)
+        V + b * stride_vb + k_start * stride_vs + kvh * stride_vh, stride_ks, stride_vs,
+        K_DESC, V_DESC, 0 if VARLEN else b, k_start, kvh, q_pos, len_k, qk_scale, h, tile, n_tiles, tab_ptr, tab_kb,
+        tab_bits, local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous, pattern_heads,
+        BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, CAUSAL, TABLE, UPCAST, True, PAIRS, TMA)
     dq_ptrs = DQ + b * stride_dqb + rows[:, None] * stride_dqs + h * stride_dqh + tl.arange(0, BLOCK_D)[None, :]
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=io_mask)
 
@@ -380,16 +396,19 @@ def _attn_bwd_dq(
 @triton.jit
 def _dkdv_segment(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos, stride_ls,
+    q_desc, do_desc, desc_b, desc_row, desc_h,
     k_pos, kb, offs_m, offs_d, q_off, len_q, qk_scale,
     start, count, ent_base, tab_tile, tab_bits, row_lo, row_hi,
     local, stride, shift, dense,
-    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-    MASK: tl.constexpr, TABLE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK: tl.constexpr, TABLE: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
 ):
     """Query tiles ``start + i`` (or table entries), ``i < count``, against one key tile: dk, dv updated.
     MASK 0: none; 2: key row ``r`` only in query tiles ``row_lo[r]..row_hi[r]`` (several key blocks to a
     tile); 1: that, the block rule of each row's key block ``kb[r]`` and causality, or with ``TABLE``
-    the entry's bits (one key block ``kb``) and causality."""
+    the entry's bits (one key block ``kb``) and causality. With ``TMA`` the q and dO tiles come through
+    tensor descriptors (``(batch, seq, heads, dim)``, tile ``desc_row + tile * BLOCK_M`` of sequence row
+    0): rows outside the sequence may hold anything finite, as their log-sum-exp reads +inf (P = 0)."""
     d_ok = offs_d < HEAD_DIM
     for i in range(count):
         if TABLE:
@@ -400,8 +419,13 @@ def _dkdv_segment(
         q_row = q_pos - q_off
         row_ok = (q_row >= 0) & (q_row < len_q)
         io_mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_base + q_row[:, None] * stride_qs + offs_d[None, :], mask=io_mask, other=0.0)
-        do = tl.load(do_base + q_row[:, None] * stride_dos + offs_d[None, :], mask=io_mask, other=0.0)
+        if TMA:
+            row = desc_row + tile * BLOCK_M
+            q = tl.reshape(q_desc.load([desc_b, row, desc_h, 0]), [BLOCK_M, BLOCK_D])
+            do = tl.reshape(do_desc.load([desc_b, row, desc_h, 0]), [BLOCK_M, BLOCK_D])
+        else:
+            q = tl.load(q_base + q_row[:, None] * stride_qs + offs_d[None, :], mask=io_mask, other=0.0)
+            do = tl.load(do_base + q_row[:, None] * stride_dos + offs_d[None, :], mask=io_mask, other=0.0)
         lse2 = _load_lse2(lse_base + q_row * stride_ls, row_ok)
         delta = tl.load(delta_base + q_row * stride_ls, mask=row_ok, other=0.0)
         # transposed scores: keys along rows, queries along columns
@@ -535,14 +559,14 @@ def _attn_bwd_dkdv_long(
              DO + b * stride_dob + q_start * stride_dos + h * stride_doh,
              LSE + b * stride_lb + h * stride_lh + q_start * stride_ls,
              DELTA + b * stride_lb + h * stride_lh + q_start * stride_ls,
-             stride_qs, stride_dos, stride_ls, k_pos, kb, offs_m, offs_d, q_off, len_q, qk_scale)
+             stride_qs, stride_dos, stride_ls, Q, DO, 0, 0, 0, k_pos, kb, offs_m, offs_d, q_off, len_q, qk_scale)
     rule = (0, Q, Q, open_lo, open_lo * 0 + q_tile_hi, local, stride, shift, dense)
     masked_hi = tl.minimum(hi, all_open)
-    dk, dv = _dkdv_segment(dk, dv, k, v, *state, lo, masked_hi - lo, *rule, BLOCK, BLOCK_M, HEAD_DIM, CAUSAL,
-                           2, False, UPCAST)
+    dk, dv = _dkdv_segment(dk, dv, k, v, *state, lo, masked_hi - lo, *rule, BLOCK, BLOCK_M, HEAD_DIM, BLOCK_D,
+                           CAUSAL, 2, False, UPCAST, False)
     open_start = tl.maximum(lo, all_open)
     dk, dv = _dkdv_segment(dk, dv, k, v, *state, open_start, hi - open_start, *rule, BLOCK, BLOCK_M, HEAD_DIM,
-                           CAUSAL, 0, False, UPCAST)
+                           BLOCK_D, CAUSAL, 0, False, UPCAST, False)
     where = (b, k_start, c, h, in_blk, offs_d, n_heads, part_cols, part_stride)
     if ATOMIC:
         if lo < hi:
@@ -556,7 +580,7 @@ def _attn_bwd_dkdv_long(
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, DK, DV, LSE, DELTA, PART_K, PART_V, cu_q, cu_k, tab_ptr, tab_tile, tab_bits,
+    Q, K, V, DO, DK, DV, LSE, DELTA, PART_K, PART_V, cu_q, cu_k, tab_ptr, tab_tile, tab_bits, Q_DESC, DO_DESC,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
     stride_lb, stride_lh, stride_ls,
@@ -566,7 +590,7 @@ def _attn_bwd_dkdv(
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, TABLE: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr,
-    ATOMIC: tl.constexpr, OPEN_ALIGN: tl.constexpr,
+    ATOMIC: tl.constexpr, OPEN_ALIGN: tl.constexpr, TMA: tl.constexpr,
 ):
     """dK and dV of one key tile for one kv head: every query head of its group.
 
@@ -604,7 +628,8 @@ def _attn_bwd_dkdv(
                  DO + b * stride_dob + q_start * stride_dos + h * stride_doh,
                  LSE + b * stride_lb + h * stride_lh + q_start * stride_ls,
                  DELTA + b * stride_lb + h * stride_lh + q_start * stride_ls,
-                 stride_qs, stride_dos, stride_ls, k_pos, kb, offs_m, offs_d, q_off, len_q, qk_scale)
+                 stride_qs, stride_dos, stride_ls, Q_DESC, DO_DESC, 0 if VARLEN else b, q_start - q_off, h,
+                 k_pos, kb, offs_m, offs_d, q_off, len_q, qk_scale)
         if TABLE:
             col = (h % pattern_heads) * n_kblocks + kb
             ent = tl.load(tab_ptr + col)
@@ -613,7 +638,7 @@ def _attn_bwd_dkdv(
             n = tl.minimum(cnt - lo, chunk)
             work += n
             dk, dv = _dkdv_segment(dk, dv, k, v, *state, 0, n, ent + lo, tab_tile, tab_bits, kb, kb, 1, 1, 0,
-                                   False, BLOCK, BLOCK_M, HEAD_DIM, CAUSAL, 1, True, UPCAST)
+                                   False, BLOCK, BLOCK_M, HEAD_DIM, BLOCK_D, CAUSAL, 1, True, UPCAST, TMA)
         else:
             shift, dense = _head_rule(h, stride, step, offset, heads_per_group, head_base, sparse_groups,
                                       homogeneous)
@@ -627,11 +652,11 @@ def _attn_bwd_dkdv(
             t_ulo = tl.max(u_lo, 0)
             t_uhi = tl.maximum(tl.minimum(tl.min(tl.where(long, t_hi, u_hi), 0), t_hi), t_ulo - 1)
             dk, dv = _dkdv_segment(dk, dv, k, v, *state, t_lo, t_ulo - t_lo, *rule, BLOCK, BLOCK_M, HEAD_DIM,
-                                   CAUSAL, 1, False, UPCAST)
+                                   BLOCK_D, CAUSAL, 1, False, UPCAST, TMA)
             dk, dv = _dkdv_segment(dk, dv, k, v, *state, t_ulo, t_uhi - t_ulo + 1, *rule, BLOCK, BLOCK_M, HEAD_DIM,
-                                   CAUSAL, 2 if BLOCK_N > BLOCK else 0, False, UPCAST)
+                                   BLOCK_D, CAUSAL, 2 if BLOCK_N > BLOCK else 0, False, UPCAST, TMA)
             dk, dv = _dkdv_segment(dk, dv, k, v, *state, t_uhi + 1, t_hi - t_uhi, *rule, BLOCK, BLOCK_M, HEAD_DIM,
-                                   CAUSAL, 1, False, UPCAST)
+                                   BLOCK_D, CAUSAL, 1, False, UPCAST, TMA)
             if tl.max(long.to(tl.int32), 0) > 0:
                 c = tl.where(dense, kb, (kb - _first_congruent(0, stride, shift)) // stride)
                 where = (b, k_start, c, h, k_pos - kb * BLOCK, offs_d, n_heads, part_cols, part_stride)

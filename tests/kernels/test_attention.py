@@ -48,7 +48,7 @@ def check(q, k, v, pattern, *, layout="bshd", causal=None, with_lse=False, deter
     causal = pattern.causal if causal is None else causal
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     tol = TOL[q.dtype]
-    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]  # views stay views: strides reach the kernels
     out, lse = ops.attention(*leaves, pattern, softmax_scale=scale, causal=causal, layout=layout,
                              return_lse=True, deterministic=deterministic)
     ref_leaves = [x.detach().double().cpu().requires_grad_() for x in (q, k, v)]
@@ -133,6 +133,15 @@ def test_bhsd_and_strided_views():
     qkv = torch.randn(2, 130, 4 + 2 + 2, 32, device=DEVICE)
     q, k, v = qkv[:, :, :4], qkv[:, :, 4:6], qkv[:, :, 6:]
     assert not q.is_contiguous()
+    check(q, k, v, pattern)
+
+
+def test_views_tma_cannot_read():
+    """q, k, v as views 4 bytes off 16-byte alignment: every kernel reads them with plain loads, not TMA."""
+    pattern = local_stride(4, 512, 32, local_blocks=2, vert_stride=3, num_kv_heads=2)
+    qkv = torch.randn(1, 130, 4 + 2 + 2, 33, device=DEVICE)[..., 1:]
+    q, k, v = qkv[:, :, :4], qkv[:, :, 4:6], qkv[:, :, 6:]
+    assert all(launch._row_tiles(x, 32, 32) is None for x in (q, k, v))
     check(q, k, v, pattern)
 
 
