@@ -62,8 +62,9 @@ def main():
         variants.append((f"long bm{bm} bn{bn} w{w} s{st}", {"dkdv_long": T(bm, bn, w, st)}, {}))
     for bn in (16, 32):  # the short-column kernel's key tile (default: 64 keys, several small blocks to a tile)
         variants.append((f"short bn{bn}", {"dkdv": T(32, bn, 4, 3)}, {}))
-    # unpaired query tiles small enough for two programs per SM (shared memory)
-    for kernel, bm, w, st in [("dq", 64, 4, 2), ("dq", 64, 4, 3), ("dq", 128, 8, 3), ("fwd", 64, 4, 2)]:
+    # unpaired tiles (TMA loads): 64 queries fit two programs an SM (shared memory), 128 queries one
+    for kernel, bm, w, st in [("dq", 64, 4, 2), ("dq", 64, 4, 3), ("dq", 128, 8, 4), ("fwd", 64, 4, 2),
+                              ("fwd", 64, 4, 3)]:
         variants.append((f"{kernel} bm{bm} w{w} s{st} unpaired", {kernel: T(bm, 64, w, st)}, {}))
     for splits in (2, 8):
         variants.append((f"splits{splits}", {}, {"DKDV_SPLITS": splits}))

@@ -56,14 +56,16 @@ def tiles(kernel: str, block: int, head_dim: int, table: bool, itemsize: int = 2
     row_bytes = head_dim * itemsize
     if row_bytes > 512:
         return Tiles(TABLE_BLOCK_M if table else 32, min(block, 32), 4, 1)
-    if kernel in ("fwd", "dq") and not table and row_bytes <= 256 and block >= 64:
-        if seqlen <= (32768 if kernel == "dq" else 8192):
-            # 64-query tiles in <= 96 KiB of shared memory, two programs per SM (H100, dQ: 8k 0.40 -> 0.34 ms,
-            # 32k 2.50 -> 2.19 ms; forward 8k 0.35 -> 0.30 ms, but 32k 2.15 -> 2.28 ms)
+    if kernel == "fwd" and not table and row_bytes <= 256 and block >= 64:
+        # 64-query tiles, keys through TMA three deep, two programs per SM (H100, 32k: 2.12 -> 1.65 ms, 128k:
+        # 20.3 -> 18.5 against 128-query tiles reading key blocks in pairs with plain loads)
+        return Tiles(64, 64, 4, 3)
+    if kernel == "dq" and not table and row_bytes <= 256 and block >= 64:
+        if seqlen <= 32768:
+            # 64-query tiles in <= 96 KiB of shared memory, two programs per SM (H100: 8k 0.40 -> 0.34 ms,
+            # 32k 2.50 -> 2.19 ms)
             return Tiles(64, 64, 4, 2)
-        # 128-query tiles; the forward reads unmasked key blocks two at a time (128k: -4.8%), dQ pipelines
-        # three single blocks deep instead (128k: 26.1 -> 23.9 ms)
-        return Tiles(128, 64, 8, 3, pairs=kernel == "fwd")
+        return Tiles(128, 64, 8, 3)  # 128-query tiles, three single blocks deep (128k: 26.1 -> 23.9 ms)
     if kernel == "dkdv_long" and row_bytes <= 256:
         # columns side by side in 128-key tiles past 32k keys, 64-key tiles up to it (H100, block 64:
         # 39.0 vs 40.9 ms at 128k, 2.86 vs 2.58 ms at 32k)
