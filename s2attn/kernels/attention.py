@@ -176,14 +176,14 @@ def _row_tile(acc, m_i, l_i, q, do, lse2, delta, k_base, v_base, stride_ks, stri
     of ``(acc, m_i, l_i)``. Backward: ``acc += dS @ K`` (dQ), with P recomputed from ``lse2``. With ``TMA``
     the keys are consecutive and K / V come through descriptors from row ``desc_row``; rows past the
     sequence may hold anything finite (their scores are masked)."""
-    if MASKED:
-        kv_mask = (k_pos < len_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    else:  # an unmasked tile's keys all lie before the query tile, inside the sequence
-        kv_mask = (offs_d < HEAD_DIM)[None, :]
     if TMA:
         k = tl.reshape(k_desc.load([desc_b, desc_row, desc_h, 0]), [k_pos.shape[0], BLOCK_D])
         v = tl.reshape(v_desc.load([desc_b, desc_row, desc_h, 0]), [k_pos.shape[0], BLOCK_D])
     else:
+        if MASKED:
+            kv_mask = (k_pos < len_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        else:  # an unmasked tile's keys all lie before the query tile, inside the sequence
+            kv_mask = (offs_d < HEAD_DIM)[None, :]
         k = tl.load(k_base + k_pos[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
     s = _dot(q, tl.trans(k), UPCAST)  # unscaled: the scale goes into each exponent's multiply-add
     if BACKWARD:
@@ -394,6 +394,16 @@ def _attn_bwd_dq(
 
 # --------------------------------------------------------------------------- backward: dK, dV
 @triton.jit
+def _head_rows(Q, DO, LSE, DELTA, b, h, q_start, stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh,
+               stride_lb, stride_lh, stride_ls):
+    """Where query head ``h`` of sequence ``b`` starts in q, dO, the log-sum-exp and delta."""
+    return (Q + b * stride_qb + q_start * stride_qs + h * stride_qh,
+            DO + b * stride_dob + q_start * stride_dos + h * stride_doh,
+            LSE + b * stride_lb + h * stride_lh + q_start * stride_ls,
+            DELTA + b * stride_lb + h * stride_lh + q_start * stride_ls)
+
+
+@triton.jit
 def _dkdv_segment(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos, stride_ls,
     q_desc, do_desc, desc_b, desc_row, desc_h,
@@ -418,12 +428,12 @@ def _dkdv_segment(
         q_pos = tile * BLOCK_M + offs_m
         q_row = q_pos - q_off
         row_ok = (q_row >= 0) & (q_row < len_q)
-        io_mask = row_ok[:, None] & d_ok[None, :]
         if TMA:
             row = desc_row + tile * BLOCK_M
             q = tl.reshape(q_desc.load([desc_b, row, desc_h, 0]), [BLOCK_M, BLOCK_D])
             do = tl.reshape(do_desc.load([desc_b, row, desc_h, 0]), [BLOCK_M, BLOCK_D])
         else:
+            io_mask = row_ok[:, None] & d_ok[None, :]
             q = tl.load(q_base + q_row[:, None] * stride_qs + offs_d[None, :], mask=io_mask, other=0.0)
             do = tl.load(do_base + q_row[:, None] * stride_dos + offs_d[None, :], mask=io_mask, other=0.0)
         lse2 = _load_lse2(lse_base + q_row * stride_ls, row_ok)
@@ -555,11 +565,11 @@ def _attn_bwd_dkdv_long(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     offs_m = tl.arange(0, BLOCK_M)
-    state = (Q + b * stride_qb + q_start * stride_qs + h * stride_qh,
-             DO + b * stride_dob + q_start * stride_dos + h * stride_doh,
-             LSE + b * stride_lb + h * stride_lh + q_start * stride_ls,
-             DELTA + b * stride_lb + h * stride_lh + q_start * stride_ls,
-             stride_qs, stride_dos, stride_ls, Q, DO, 0, 0, 0, k_pos, kb, offs_m, offs_d, q_off, len_q, qk_scale)
+    q_base, do_base, lse_base, delta_base = _head_rows(Q, DO, LSE, DELTA, b, h, q_start, stride_qb, stride_qs,
+                                                       stride_qh, stride_dob, stride_dos, stride_doh, stride_lb,
+                                                       stride_lh, stride_ls)
+    state = (q_base, do_base, lse_base, delta_base, stride_qs, stride_dos, stride_ls, Q, DO, 0, 0, 0,
+             k_pos, kb, offs_m, offs_d, q_off, len_q, qk_scale)
     rule = (0, Q, Q, open_lo, open_lo * 0 + q_tile_hi, local, stride, shift, dense)
     masked_hi = tl.minimum(hi, all_open)
     dk, dv = _dkdv_segment(dk, dv, k, v, *state, lo, masked_hi - lo, *rule, BLOCK, BLOCK_M, HEAD_DIM, BLOCK_D,
@@ -624,10 +634,10 @@ def _attn_bwd_dkdv(
     work = 0
     for i in range(heads_per_kv):
         h = kvh * heads_per_kv + i
-        state = (Q + b * stride_qb + q_start * stride_qs + h * stride_qh,
-                 DO + b * stride_dob + q_start * stride_dos + h * stride_doh,
-                 LSE + b * stride_lb + h * stride_lh + q_start * stride_ls,
-                 DELTA + b * stride_lb + h * stride_lh + q_start * stride_ls,
+        q_base, do_base, lse_base, delta_base = _head_rows(Q, DO, LSE, DELTA, b, h, q_start, stride_qb, stride_qs,
+                                                           stride_qh, stride_dob, stride_dos, stride_doh, stride_lb,
+                                                           stride_lh, stride_ls)
+        state = (q_base, do_base, lse_base, delta_base,
                  stride_qs, stride_dos, stride_ls, Q_DESC, DO_DESC, 0 if VARLEN else b, q_start - q_off, h,
                  k_pos, kb, offs_m, offs_d, q_off, len_q, qk_scale)
         if TABLE:

@@ -115,11 +115,17 @@ def _placeholder(device: torch.device) -> torch.Tensor:
     return torch.zeros(1, dtype=torch.int32, device=device)
 
 
+@functools.lru_cache
+def _has_tma(device: torch.device) -> bool:
+    """TMA descriptors: Triton 3.3+, and a Hopper or newer GPU (or the interpreter / an offline compile)."""
+    return TensorDescriptor is not None and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9)
+
+
 def _row_tiles(x: torch.Tensor, block_m: int, block_d: int):
     """A TMA descriptor of ``x`` ``(batch, seq, heads, dim)`` in tiles of ``block_m`` rows of one head, or
-    None where TMA cannot read it: before Hopper or Triton 3.3, or base or strides not 16-byte aligned (a view
+    None where TMA cannot read it: see :func:`_has_tma`, or base or strides not 16-byte aligned (a view
     may not be)."""
-    if TensorDescriptor is None or (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 9):
+    if not _has_tma(x.device):
         return None
     strides = list(x.stride())
     for i in range(x.dim() - 2, -1, -1):  # a size-1 dim's stride is arbitrary: give it one TMA accepts
@@ -175,14 +181,15 @@ def forward(q, k, v, *, cu_q, cu_k, max_q, max_k, rule, rows, block, scale, caus
     lse = _new_like(q, (heads, q.shape[1]) if varlen else (batch, heads, q.shape[1]), torch.float32)
     n_tiles = triton.cdiv(max_k, t.block_m)
     grid = (triton.cdiv(max_q, t.block_m) + 1, heads, batch)
-    descs = _descriptors("fwd", k, v, t, triton.next_power_of_2(head_dim))
+    block_d = triton.next_power_of_2(head_dim)
+    descs = _descriptors("fwd", k, v, t, block_d)
     _attn_fwd[grid](
         q, k, v, out, lse, cu_q, cu_k, *table, *descs,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
         *_lse_strides(lse, varlen),
         max_q, max_k, heads // k.shape[2], n_tiles, scale * LOG2E, *rule,
         BLOCK=block, BLOCK_M=t.block_m, BLOCK_N=t.block_n, HEAD_DIM=head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim), CAUSAL=causal, TABLE=use_table, VARLEN=varlen,
+        BLOCK_D=block_d, CAUSAL=causal, TABLE=use_table, VARLEN=varlen,
         UPCAST=_upcast(q.dtype), PAIRS=t.pairs, TMA=descs[0] is not k, num_warps=t.num_warps,
         num_stages=t.num_stages,
     )
