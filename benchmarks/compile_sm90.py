@@ -89,6 +89,19 @@ def _attention(shape, dtype, pattern, **kw):
     return call
 
 
+def _packed(lens, heads, dim, dtype, pattern):
+    """Forward + backward of packed sequences of lengths ``lens`` (varlen: plain loads, no TMA)."""
+
+    def call():
+        cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+        q, k, v = (torch.randn(sum(lens), heads, dim, dtype=dtype, requires_grad=True) for _ in range(3))
+        out = ops.attention_varlen(q, k, v, cu, cu, max(lens), max(lens), pattern, softmax_scale=dim**-0.5,
+                                   causal=pattern.causal, return_lse=False)
+        out.backward(torch.randn_like(out))
+
+    return call
+
+
 def configurations(quick: bool):
     s = 1024
     yield "default (bf16, d128, block 64)", _attention((1, s, 4, 4, 128), torch.bfloat16, local_stride(4, s, 64, 8, 16))
@@ -105,6 +118,7 @@ def configurations(quick: bool):
     yield "bidirectional, dense heads", _attention(
         (1, s, 4, 2, 128), torch.bfloat16, local_stride(4, s, 64, 2, 4, num_kv_heads=2, num_dense_heads=1,
                                                         causal=False))
+    yield "packed sequences (varlen)", _packed([700, 1024, 300], 2, 128, torch.bfloat16, local_stride(2, 1024, 64, 2, 4))
     yield "deterministic, block 32", _attention((1, s, 2, 2, 128), torch.bfloat16, local_stride(2, s, 32, 4, 8),
                                                 deterministic=True)
 

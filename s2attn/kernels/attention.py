@@ -175,7 +175,7 @@ def _row_tile(acc, m_i, l_i, q, do, lse2, delta, k_base, v_base, stride_ks, stri
     """One tile of keys at positions ``k_pos`` against the query tile. Forward: online-softmax update
     of ``(acc, m_i, l_i)``. Backward: ``acc += dS @ K`` (dQ), with P recomputed from ``lse2``. With ``TMA``
     the keys are consecutive and K / V come through descriptors from row ``desc_row``; rows past the
-    sequence may hold anything finite (their scores are masked)."""
+    sequence's end read as zeros (never with packed sequences: their rows would be the next sequence's)."""
     if TMA:
         k = tl.reshape(k_desc.load([desc_b, desc_row, desc_h, 0]), [k_pos.shape[0], BLOCK_D])
         v = tl.reshape(v_desc.load([desc_b, desc_row, desc_h, 0]), [k_pos.shape[0], BLOCK_D])
@@ -418,7 +418,8 @@ def _dkdv_segment(
     tile); 1: that, the block rule of each row's key block ``kb[r]`` and causality, or with ``TABLE``
     the entry's bits (one key block ``kb``) and causality. With ``TMA`` the q and dO tiles come through
     tensor descriptors (``(batch, seq, heads, dim)``, tile ``desc_row + tile * BLOCK_M`` of sequence row
-    0): rows outside the sequence may hold anything finite, as their log-sum-exp reads +inf (P = 0)."""
+    0): rows outside the sequence read as zeros (never with packed sequences: they would be a neighbour's
+    rows, and P = 0 times a NaN there is not 0)."""
     d_ok = offs_d < HEAD_DIM
     for i in range(count):
         if TABLE:
@@ -513,7 +514,7 @@ def _long_col_ptrs(PART, b, k_start, c, h, in_blk, offs_d, n_heads, part_cols, p
 
 @triton.jit
 def _attn_bwd_dkdv_long(
-    Q, K, V, DO, LSE, DELTA, PART_K, PART_V, cu_q, cu_k,
+    Q, K, V, DO, LSE, DELTA, PART_K, PART_V, ORDER, cu_q, cu_k,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh, stride_lb, stride_lh, stride_ls,
     seqlen_q, seqlen_k, heads_per_kv, n_heads, qk_scale, chunk, n_splits, part_cols, part_stride,
@@ -528,16 +529,19 @@ def _attn_bwd_dkdv_long(
     tile) in few, long, unmasked runs. ``COLS`` of one head's columns, ``stride`` blocks apart, sit
     side by side in one key tile of ``BLOCK_N`` rows (a big block is cut into ``BLOCK // BLOCK_N``
     tiles instead), so the matrix products are as wide as a dense kernel's whatever the pattern's
-    block; until the tile's last column opens, rows of columns not yet open are masked. Program
-    ``(tile, head x split)`` takes the ``split``-th chunk of ``chunk`` query tiles: the long columns
-    do not run alone at the end. With one chunk it stores, else it adds atomically (zeroed PART)."""
-    h = tl.program_id(1) // n_splits
-    split = tl.program_id(1) % n_splits
+    block; until the tile's last column opens, rows of columns not yet open are masked. A program takes
+    the ``split``-th chunk of ``chunk`` query tiles of one key tile of one head, so the long columns do
+    not run alone at the end; ``ORDER`` lists the (key tile, split) slots, the most work first, and
+    program ``slot rank x heads + head`` runs that slot for that head: the GPU starts the long chunks
+    first and ends on short ones. With one chunk it stores, else it adds atomically (zeroed PART)."""
+    h = tl.program_id(0) % n_heads
+    slot = tl.load(ORDER + tl.program_id(0) // n_heads)
+    split = slot % n_splits
     b = tl.program_id(2)
     q_start, k_start, len_q, len_k = _seq_bounds(cu_q, cu_k, b, seqlen_q, seqlen_k, VARLEN)
     ROWS: tl.constexpr = BLOCK_N // COLS  # rows of one column in the tile
     NSUB: tl.constexpr = BLOCK // ROWS
-    group = tl.program_id(0) // NSUB
+    group = slot // n_splits // NSUB
     shift, dense = _head_rule(h, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous)
     first = _first_congruent(0, stride, shift)
     if tl.where(dense, group * COLS, first + group * COLS * stride) * BLOCK >= len_k:
@@ -546,7 +550,7 @@ def _attn_bwd_dkdv_long(
     offs_d = tl.arange(0, BLOCK_D)
     c = group * COLS + offs_n // ROWS
     kb = tl.where(dense, c, first + c * stride)
-    in_blk = (tl.program_id(0) % NSUB) * ROWS + offs_n % ROWS
+    in_blk = (slot // n_splits % NSUB) * ROWS + offs_n % ROWS
     k_pos = kb * BLOCK + in_blk
     q_off = len_k - len_q
     q_tile_lo = q_off // BLOCK_M

@@ -136,17 +136,38 @@ def _row_tiles(x: torch.Tensor, block_m: int, block_d: int):
     return TensorDescriptor(x, list(x.shape), strides, [1, block_m, 1, block_d])
 
 
-def _descriptors(kernel: str, a: torch.Tensor, b: torch.Tensor, t: Tiles, block_d: int) -> tuple:
+def _descriptors(kernel: str, a: torch.Tensor, b: torch.Tensor, t: Tiles, block_d: int, varlen: bool) -> tuple:
     """``a`` and ``b`` as TMA descriptors for ``kernel``'s tiles (keys for the forward and dQ, queries for
     the short-column kernel), or the tensors themselves (plain loads). Fewer registers (dQ 252 -> 186 at 32k)
     and faster on the H100: dQ 2.19 -> 2.12 ms at 32k and 23.2-23.9 -> 22.5-22.8 at 128k, short columns 1.52
     -> 1.45 and 6.4 -> 6.0-6.1. Not in a kernel that also reads key-block pairs (plain loads): the forward
-    past 8k lost (32k 2.09 -> 2.25 ms, 128k 21.2 -> 23.2); nor in the long pass (128k 38.8 -> 44.8)."""
-    if t.pairs or not USE_TMA[kernel] or a.element_size() > 2:  # fp32: TMA's tiles overflow shared memory
+    past 8k lost (32k 2.09 -> 2.25 ms, 128k 21.2 -> 23.2); nor in the long pass (128k 38.8 -> 44.8). Nor for
+    packed sequences: a tile overhanging a sequence's end (or start) would read the neighbour's rows, not
+    the zeros TMA gives past the tensor's, and P = 0 times a NaN there is NaN."""
+    if t.pairs or varlen or not USE_TMA[kernel] or a.element_size() > 2:  # fp32: TMA tiles overflow shared memory
         return a, b
     rows = t.block_m if kernel == "dkdv" else t.block_n
     descs = (_row_tiles(a, rows, block_d), _row_tiles(b, rows, block_d))
     return (a, b) if None in descs else descs
+
+
+@functools.lru_cache(maxsize=64)
+def _long_order(n_tiles: int, n_sub: int, splits: int, chunk: int, col_blocks: int, block: int, block_m: int,
+                open_align: int, q_tiles: int, causal: bool, device: torch.device) -> torch.Tensor:
+    """The long pass's ``(key tile, split)`` slots (``tile * splits + split``), the most query tiles first.
+
+    A causal column opens past its own block, so an early key tile's chunks are all full and a late one's
+    few and short; launched in index order, full chunks of the first tiles would start last and run alone
+    at the end (H100, 64k keys, 8 heads: SMs idle 13% of the pass). The work is estimated with no head
+    shift (columns ``col_blocks`` apart), which moves it by under a tile of ``block_m`` per block shifted."""
+    def work(slot: int) -> int:
+        tile, split = divmod(slot, splits)
+        first_kb = tile // n_sub * col_blocks
+        opens = -(-(first_kb + 1) * block // open_align) * open_align // block_m if causal else 0
+        return min(chunk, max(0, q_tiles - opens - split * chunk))
+
+    order = sorted(range(n_tiles * splits), key=work, reverse=True)
+    return torch.tensor(order, dtype=torch.int32, device=device)
 
 
 def _seq_args(q, k, cu_q, cu_k):
@@ -182,7 +203,7 @@ def forward(q, k, v, *, cu_q, cu_k, max_q, max_k, rule, rows, block, scale, caus
     n_tiles = triton.cdiv(max_k, t.block_m)
     grid = (triton.cdiv(max_q, t.block_m) + 1, heads, batch)
     block_d = triton.next_power_of_2(head_dim)
-    descs = _descriptors("fwd", k, v, t, block_d)
+    descs = _descriptors("fwd", k, v, t, block_d, varlen)
     _attn_fwd[grid](
         q, k, v, out, lse, cu_q, cu_k, *table, *descs,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
@@ -211,7 +232,7 @@ def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, row
 
     t = tiles("dq", block, head_dim, use_table, q.element_size(), max_k)
     dq = _new_like(q)
-    descs = _descriptors("dq", k, v, t, block_d)
+    descs = _descriptors("dq", k, v, t, block_d, varlen)
     _attn_bwd_dq[(triton.cdiv(max_q, t.block_m) + 1, heads, batch)](
         q, k, v, out, do, dq, lse, lse if dlse is None else dlse.contiguous(), delta, cu_q, cu_k, *row_table,
         *descs,
@@ -245,9 +266,11 @@ def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, row
         parts = [torch.zeros(shape, dtype=torch.float32, device=q.device) if splits > 1
                  else _new_like(q, shape, torch.float32) for _ in range(2)]  # atomics add onto zeros
         cols = max(1, lt.block_n // block)
-        grid = (triton.cdiv(part_cols, cols) * max(1, block // lt.block_n), heads * splits, batch)
-        _attn_bwd_dkdv_long[grid](
-            *seq, lse, delta, *parts, cu_q, cu_k, *strides, *lse_strides,
+        n_sub = max(1, block // lt.block_n)
+        order = _long_order(triton.cdiv(part_cols, cols) * n_sub, n_sub, splits, chunk, cols * part_stride, block,
+                            lt.block_m, open_align, triton.cdiv(max_k, lt.block_m), causal, q.device)
+        _attn_bwd_dkdv_long[(order.numel() * heads, 1, batch)](
+            *seq, lse, delta, *parts, order, cu_q, cu_k, *strides, *lse_strides,
             max_q, max_k, heads // kv_heads, heads, scale * LOG2E, chunk, splits, part_cols, part_stride, *rule[:8],
             BLOCK_M=lt.block_m, BLOCK_N=lt.block_n, COLS=cols, ATOMIC=splits > 1, OPEN_ALIGN=open_align,
             num_warps=lt.num_warps, num_stages=lt.num_stages, **common,
@@ -257,7 +280,7 @@ def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, row
         dk, dv = (torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (k, v))
     else:
         dk, dv = _new_like(k), _new_like(v)
-    descs = _descriptors("dkdv", q, do, t, block_d)
+    descs = _descriptors("dkdv", q, do, t, block_d, varlen)
     _attn_bwd_dkdv[(triton.cdiv(max_k, t.block_n), kv_heads * table_splits, batch)](
         *seq, dk, dv, lse, delta, *parts, cu_q, cu_k, *col_table, *descs,
         *strides, *_strides(dk, varlen), *_strides(dv, varlen), *lse_strides,

@@ -185,6 +185,34 @@ def test_varlen_packed():
         assert rel_err(x.grad, r.grad.to(DEVICE)) <= 1e-4
 
 
+@pytest.mark.parametrize("block", [32, 64])
+def test_varlen_neighbour_nan_stays_out(block):
+    """TMA tiles of a packed sequence overhang into its neighbours (keys past the end; query rows before
+    the start or past the end): NaN everywhere in the middle sequence leaves the others' outputs and
+    gradients as they were."""
+    pattern = local_stride(2, 1024, block, local_blocks=2, vert_stride=3)
+    lens_q, lens_k = [70, 90, 45], [70, 90, 60]  # the last sequence's queries start 15 keys in
+    cu_q, cu_k = (torch.tensor([0] + n, device=DEVICE).cumsum(0).to(torch.int32) for n in (lens_q, lens_k))
+    q, g = (torch.randn(sum(lens_q), 2, 32, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    k, v = (torch.randn(sum(lens_k), 2, 32, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+
+    def run(q, k, v, g):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = ops.attention_varlen(*leaves, cu_q, cu_k, 90, 90, pattern, softmax_scale=0.2, causal=True,
+                                   return_lse=False)
+        out.backward(g)
+        return [out] + [x.grad for x in leaves]
+
+    clean = run(q, k, v, g)
+    poisoned = [x.clone() for x in (q, k, v, g)]
+    for x, cu in zip(poisoned, (cu_q, cu_k, cu_k, cu_q)):
+        x[cu[1]:cu[2]] = float("nan")
+    for name, a, b, cu in zip(("out", "dq", "dk", "dv"), clean, run(*poisoned), (cu_q, cu_q, cu_k, cu_k)):
+        for lo, hi in ((0, cu[1]), (cu[2], cu[3])):
+            assert torch.isfinite(b[lo:hi]).all(), name
+            assert rel_err(b[lo:hi], a[lo:hi].double()) <= 1e-2, name
+
+
 def test_deterministic_backward_is_bit_identical():
     pattern = local_stride(4, 4096, 16, local_blocks=2, vert_stride=3, num_kv_heads=2)
     q, k, v = make_qkv(1, 600, 600, 4, 2, 32, torch.float32)
@@ -231,6 +259,17 @@ def test_long_column_tiles(monkeypatch, block_n):
     monkeypatch.setitem(launch.TILE_OVERRIDES, "dkdv_long", launch.Tiles(32, block_n, 4, 1))
     pattern = local_stride(4, 4096, 64, local_blocks=2, vert_stride=3, num_dense_heads=1)
     check(*make_qkv(1, 1100, 1100, 4, 2, 32, torch.float32), pattern)
+
+
+def test_long_pass_order_most_work_first():
+    """The long pass's launch order: every (key tile, split) slot once, the full chunks of early key
+    tiles first, the empty chunks of late ones last."""
+    tiles, splits = 8, 3  # key tile t's columns open at query tile 8t + 2 of 64: 62 - 8t tiles, chunks of 22
+    order = launch._long_order(tiles, 1, splits, 22, 4, 64, 32, 32, 64, True, torch.device("cpu")).tolist()
+    assert sorted(order) == list(range(tiles * splits))
+    assert set(order[:9]) == {0, 1, 3, 4, 6, 7, 9, 12, 15}  # full chunks: split 0 of tiles 0-4, split 1 of 0-3
+    assert order[9:16] == [2, 10, 18, 5, 13, 21, 8]  # partial: 18, 16, 14, 10, 8, 6, 2 tiles
+    assert set(order[16:]) == {11, 14, 16, 17, 19, 20, 22, 23}  # empty
 
 
 @pytest.mark.parametrize("long_m, short_m", [(32, 64), (64, 32)])
