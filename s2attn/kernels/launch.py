@@ -26,7 +26,7 @@ from .attention import LOG2E, _attn_bwd_dkdv, _attn_bwd_dkdv_long, _attn_bwd_dq,
 POISON_OUTPUTS = False  # tests set this: outputs start as NaN so an unwritten element fails
 TABLE_BLOCK_M = 64  # query tile of every kernel on the table path (the tables are built for it)
 DKDV_CHUNK = 8  # fewest query tiles per dK/dV program on a long column (load balance vs atomics)
-DKDV_SPLITS = 4  # aim to cut the longest column into about this many chunks (long pass, 64-key tiles: twice)
+DKDV_SPLITS = 4  # aim to cut the longest column into about this many chunks (H100, 8k-64k: 2 or 8 no better)
 TILE_OVERRIDES: dict = {}  # kernel name -> Tiles, for tuning runs (benchmarks/profile_bwd.py)
 USE_TMA = {"fwd": True, "dq": True, "dkdv": True}  # kernels that read tiles through TMA where they can (_descriptors)
 
@@ -67,9 +67,9 @@ def tiles(kernel: str, block: int, head_dim: int, table: bool, itemsize: int = 2
             return Tiles(64, 64, 4, 2)
         return Tiles(128, 64, 8, 3)  # 128-query tiles, three single blocks deep (128k: 26.1 -> 23.9 ms)
     if kernel == "dkdv_long" and row_bytes <= 256:
-        # columns side by side in 128-key tiles past 32k keys, 64-key tiles up to it (H100, block 64:
-        # 39.0 vs 40.9 ms at 128k, 2.86 vs 2.58 ms at 32k)
-        block_n = 128 if seqlen > 32768 else 64
+        # columns side by side in 128-key tiles past 8k keys, 64-key tiles up to it (H100, block 64, launched
+        # most work first: 128k 40.3 vs 45.3 ms, 32k 2.42-2.53 vs 2.75-2.88, 16k 0.67 vs 0.70, 8k 0.22 vs 0.18)
+        block_n = 128 if seqlen > 8192 else 64
     elif kernel == "dkdv" and not table and block < 64:
         block_n = 64  # consecutive small blocks in one key tile, each query tile loaded once for all of them
     else:
@@ -257,10 +257,7 @@ def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, row
         table_splits = 1
         lt = tiles("dkdv_long", block, head_dim, False, q.element_size(), max_k)
         open_align = max(lt.block_m, t.block_m)  # where a long column's two passes meet (powers of two)
-        # 64-key tiles (up to 32k keys) run two programs an SM: twice the chunks balance better and the relaxed
-        # atomics cost little (H100, 32k: long pass 2.39 -> 2.30 ms; 128-key tiles at 128k lose, 39.4 -> 40.3)
-        splits = DKDV_SPLITS * (2 if lt.block_n == 64 else 1)
-        chunk, splits = _column_chunks(max_q, lt.block_m, deterministic, splits)
+        chunk, splits = _column_chunks(max_q, lt.block_m, deterministic, DKDV_SPLITS)
         part_rows = k.shape[1] // (block * part_stride) + 2 * batch if varlen else batch * part_cols
         shape = (part_rows, heads, block, block_d)
         parts = [torch.zeros(shape, dtype=torch.float32, device=q.device) if splits > 1
