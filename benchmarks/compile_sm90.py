@@ -118,7 +118,8 @@ def configurations(quick: bool):
     yield "bidirectional, dense heads", _attention(
         (1, s, 4, 2, 128), torch.bfloat16, local_stride(4, s, 64, 2, 4, num_kv_heads=2, num_dense_heads=1,
                                                         causal=False))
-    yield "packed sequences (varlen)", _packed([700, 1024, 300], 2, 128, torch.bfloat16, local_stride(2, 1024, 64, 2, 4))
+    yield "packed sequences (varlen)", _packed([700, 1024, 300], 2, 128, torch.bfloat16,
+                                               local_stride(2, 1024, 64, 2, 4))
     yield "deterministic, block 32", _attention((1, s, 2, 2, 128), torch.bfloat16, local_stride(2, s, 32, 4, 8),
                                                 deterministic=True)
 

@@ -414,9 +414,10 @@ def _dkdv_segment(
     CAUSAL: tl.constexpr, MASK: tl.constexpr, TABLE: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
 ):
     """Query tiles ``start + i`` (or table entries), ``i < count``, against one key tile: dk, dv updated.
-    MASK 0: none; 2: key row ``r`` only in query tiles ``row_lo[r]..row_hi[r]`` (several key blocks to a
-    tile); 1: that, the block rule of each row's key block ``kb[r]`` and causality, or with ``TABLE``
-    the entry's bits (one key block ``kb``) and causality. With ``TMA`` the q and dO tiles come through
+    MASK 0: none; 2: key row ``r`` only in query tiles from ``row_lo[r]`` on (long columns opening one
+    after another); 1: key row ``r`` only in query tiles ``row_lo[r]..row_hi[r]``, the block rule of its
+    key block ``kb[r]`` and causality, or with ``TABLE`` the entry's bits (one key block ``kb``) and
+    causality. With ``TMA`` the q and dO tiles come through
     tensor descriptors (``(batch, seq, heads, dim)``, tile ``desc_row + tile * BLOCK_M`` of sequence row
     0): rows outside the sequence read as zeros (never with packed sequences: they would be a neighbour's
     rows, and P = 0 times a NaN there is not 0)."""
@@ -456,7 +457,7 @@ def _dkdv_segment(
                 ok = ok & (k_pos[:, None] <= q_pos[None, :])
             pt = tl.where(ok, pt, 0.0)
         elif MASK == 2:
-            pt = tl.where(((row_lo <= tile) & (tile <= row_hi))[:, None], pt, 0.0)
+            pt = tl.where((row_lo <= tile)[:, None], pt, 0.0)
         dv += _dot(pt.to(do.dtype), do, UPCAST)
         dpt = _dot(v, tl.trans(do), UPCAST)
         dst = pt * (dpt - delta[None, :])
@@ -566,7 +567,7 @@ def _attn_bwd_dkdv_long(
                                                        stride_lh, stride_ls)
     state = (q_base, do_base, lse_base, delta_base, stride_qs, stride_dos, stride_ls, Q, DO, 0, 0, 0,
              k_pos, kb, offs_m, offs_d, q_off, len_q, qk_scale)
-    rule = (0, Q, Q, open_lo, open_lo * 0 + q_tile_hi, local, stride, shift, dense)
+    rule = (0, Q, Q, open_lo, open_lo, local, stride, shift, dense)  # row_hi: unused (MASK 0 and 2)
     masked_hi = tl.minimum(hi, all_open)
     dk, dv = _dkdv_segment(dk, dv, k, v, *state, lo, masked_hi - lo, *rule, BLOCK, BLOCK_M, HEAD_DIM, BLOCK_D,
                            CAUSAL, 2, False, UPCAST, False)
