@@ -417,10 +417,9 @@ def _dkdv_segment(
     MASK 0: none; 2: key row ``r`` only in query tiles from ``row_lo[r]`` on (long columns opening one
     after another); 1: key row ``r`` only in query tiles ``row_lo[r]..row_hi[r]``, the block rule of its
     key block ``kb[r]`` and causality, or with ``TABLE`` the entry's bits (one key block ``kb``) and
-    causality. With ``TMA`` the q and dO tiles come through
-    tensor descriptors (``(batch, seq, heads, dim)``, tile ``desc_row + tile * BLOCK_M`` of sequence row
-    0): rows outside the sequence read as zeros (never with packed sequences: they would be a neighbour's
-    rows, and P = 0 times a NaN there is not 0)."""
+    causality. With ``TMA`` the q and dO tiles come through tensor descriptors (``(batch, seq, heads,
+    dim)``, tile ``desc_row + tile * BLOCK_M`` of sequence row 0): rows outside the sequence read as zeros
+    (never with packed sequences: they would be a neighbour's rows, and P = 0 times a NaN there is not 0)."""
     d_ok = offs_d < HEAD_DIM
     for i in range(count):
         if TABLE:
@@ -529,12 +528,12 @@ def _attn_bwd_dkdv_long(
     first and ends on short ones. With one chunk it stores, else it adds atomically (zeroed PART)."""
     h = tl.program_id(0) % n_heads
     slot = tl.load(ORDER + tl.program_id(0) // n_heads)
-    split = slot % n_splits
+    tile, split = slot // n_splits, slot % n_splits
     b = tl.program_id(2)
     q_start, k_start, len_q, len_k = _seq_bounds(cu_q, cu_k, b, seqlen_q, seqlen_k, VARLEN)
     ROWS: tl.constexpr = BLOCK_N // COLS  # rows of one column in the tile
     NSUB: tl.constexpr = BLOCK // ROWS
-    group = slot // n_splits // NSUB
+    group = tile // NSUB
     shift, dense = _head_rule(h, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous)
     first = _first_congruent(0, stride, shift)
     if tl.where(dense, group * COLS, first + group * COLS * stride) * BLOCK >= len_k:
@@ -543,7 +542,7 @@ def _attn_bwd_dkdv_long(
     offs_d = tl.arange(0, BLOCK_D)
     c = group * COLS + offs_n // ROWS
     kb = tl.where(dense, c, first + c * stride)
-    in_blk = (slot // n_splits % NSUB) * ROWS + offs_n % ROWS
+    in_blk = (tile % NSUB) * ROWS + offs_n % ROWS
     k_pos = kb * BLOCK + in_blk
     q_off = len_k - len_q
     q_tile_lo = q_off // BLOCK_M
@@ -603,8 +602,8 @@ def _attn_bwd_dkdv(
 
     Tables: the column's entries, the ``split``-th chunk of ``chunk`` of them; with more than one
     chunk, results add atomically into fp32. Rule: a short column's query tiles (all masked: one loop), a
-    long column's diagonal tiles plus its partial
-    sums from :func:`_attn_bwd_dkdv_long`; every element is then stored once, in the output dtype."""
+    long column's diagonal tiles plus its partial sums from :func:`_attn_bwd_dkdv_long`; every element is
+    then stored once, in the output dtype."""
     pid_n = tl.program_id(0)
     kvh = tl.program_id(1) // n_splits
     split = tl.program_id(1) % n_splits

@@ -183,11 +183,11 @@ def _table_args(table, device):
     return True, table
 
 
-def _column_chunks(max_q: int, block_m: int, deterministic: bool, splits: int) -> tuple[int, int]:
-    """Query tiles per program on one key column, and how many programs (about ``splits``): a column
+def _column_chunks(max_q: int, block_m: int, deterministic: bool) -> tuple[int, int]:
+    """Query tiles per program on one key column, and how many programs (about ``DKDV_SPLITS``): a column
     holds at most ``cdiv(max_q, block_m) + 1`` tiles, so the split follows from the shapes (no sync)."""
     q_tiles = triton.cdiv(max_q, block_m) + 1
-    chunk = 1 << 30 if deterministic else max(DKDV_CHUNK, triton.cdiv(q_tiles, splits))
+    chunk = 1 << 30 if deterministic else max(DKDV_CHUNK, triton.cdiv(q_tiles, DKDV_SPLITS))
     return chunk, triton.cdiv(q_tiles, chunk)
 
 
@@ -251,13 +251,13 @@ def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, row
     part_stride = 1 if has_dense else rule[1]
     part_cols = triton.cdiv(n_kb, part_stride)
     if use_table:  # table columns are split across programs instead
-        chunk, table_splits = _column_chunks(max_q, t.block_m, deterministic, DKDV_SPLITS)
+        chunk, table_splits = _column_chunks(max_q, t.block_m, deterministic)
         parts, open_align = row_table[:2], t.block_m
     else:
         table_splits = 1
         lt = tiles("dkdv_long", block, head_dim, False, q.element_size(), max_k)
         open_align = max(lt.block_m, t.block_m)  # where a long column's two passes meet (powers of two)
-        chunk, splits = _column_chunks(max_q, lt.block_m, deterministic, DKDV_SPLITS)
+        chunk, splits = _column_chunks(max_q, lt.block_m, deterministic)
         part_rows = k.shape[1] // (block * part_stride) + 2 * batch if varlen else batch * part_cols
         shape = (part_rows, heads, block, block_d)
         parts = [torch.zeros(shape, dtype=torch.float32, device=q.device) if splits > 1
