@@ -51,15 +51,17 @@ def main():
     ap.add_argument("--seqlens", default="32768,131072")
     ap.add_argument("--only", default="", help="comma-separated substrings: run the variants whose name has one")
     ap.add_argument("--all-kernels", action="store_true", help="list every kernel's time under each variant")
+    ap.add_argument("--rounds", type=int, default=1, help="run the variants this many times, in alternation")
     ap.add_argument("--block", type=int, default=64, help="the pattern's block size")
     a = ap.parse_args()
     T = launch.Tiles
-    defaults = {name: getattr(launch, name) for name in ("DKDV_SPLITS", "USE_TMA")}
-    variants = [("default", {}, {})]
+    defaults = {name: getattr(launch, name) for name in ("DKDV_SPLITS", "USE_TMA", "LONG_PASS_WS", "WS_TILES")}
+    variants = [("default", {}, {}), ("triton long pass", {}, {"LONG_PASS_WS": False}),
+                ("ws stages3", {}, {"WS_TILES": T(64, 128, 12, 3)})]
     for off in ("fwd", "dq", "dkdv"):  # one kernel back on plain loads
         variants.append((f"no TMA {off}", {}, {"USE_TMA": {**launch.USE_TMA, off: False}}))
     for bm, bn, w, st in [(32, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 4)]:
-        variants.append((f"long bm{bm} bn{bn} w{w} s{st}", {"dkdv_long": T(bm, bn, w, st)}, {}))
+        variants.append((f"long bm{bm} bn{bn} w{w} s{st}", {"dkdv_long": T(bm, bn, w, st)}, {"LONG_PASS_WS": False}))
     for bn in (16, 32):  # the short-column kernel's key tile (default: 64 keys, several small blocks to a tile)
         variants.append((f"short bn{bn}", {"dkdv": T(32, bn, 4, 3)}, {}))
     # unpaired tiles (TMA loads): 64 queries fit two programs an SM (shared memory), 128 queries one
@@ -73,7 +75,7 @@ def main():
     print("| seqlen | variant | fwd | dq | dkdv (long + short) | other | bwd total |")
     print("|---|---|---|---|---|---|---|")
     for seqlen in [int(s) for s in a.seqlens.split(",")]:
-        for name, tiles, settings in variants:
+        for name, tiles, settings in variants * a.rounds:
             launch.TILE_OVERRIDES.clear()
             launch.TILE_OVERRIDES.update(tiles)
             for key, value in {**defaults, **settings}.items():

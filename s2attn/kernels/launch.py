@@ -23,12 +23,21 @@ except ImportError:  # Triton < 3.3: plain loads everywhere
 
 from .attention import LOG2E, _attn_bwd_dkdv, _attn_bwd_dkdv_long, _attn_bwd_dq, _attn_fwd
 
+try:  # Gluon (Triton >= 3.5): the warp-specialised long pass for Hopper
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+
+    from .long_pass_hopper import _attn_bwd_dkdv_long_ws
+except ImportError:
+    GluonDescriptor = None
+
 POISON_OUTPUTS = False  # tests set this: outputs start as NaN so an unwritten element fails
 TABLE_BLOCK_M = 64  # query tile of every kernel on the table path (the tables are built for it)
 DKDV_CHUNK = 8  # fewest query tiles per dK/dV program on a long column (load balance vs atomics)
 DKDV_SPLITS = 4  # aim to cut the longest column into about this many chunks (H100, 8k-64k: 2 or 8 no better)
 TILE_OVERRIDES: dict = {}  # kernel name -> Tiles, for tuning runs (benchmarks/profile_bwd.py)
 USE_TMA = {"fwd": True, "dq": True, "dkdv": True}  # kernels that read tiles through TMA where they can (_descriptors)
+LONG_PASS_WS = True  # the long pass warp-specialised on Hopper where it applies (_long_pass_ws)
 
 
 @dataclass(frozen=True)
@@ -170,6 +179,37 @@ def _long_order(n_tiles: int, n_sub: int, splits: int, chunk: int, col_blocks: i
     return torch.tensor(order, dtype=torch.int32, device=device)
 
 
+# the warp-specialised long pass: 64 queries, 2 x 64 keys, 2 stages (H100, 128k: 3 stages 42-44 ms against 34-35);
+# 12 warps (4 + 4 + a loader warp, rounded up to warpgroups) in 64K registers: 240 a compute thread, 24 a loader
+WS_TILES = Tiles(64, 128, 12, 2)
+WS_MAXNREG = 168
+
+
+@functools.lru_cache
+def _is_hopper(device: torch.device) -> bool:
+    """An sm_90 GPU: ``wgmma``, which the warp-specialised long pass is written in (Blackwell has not got it)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+
+
+def _long_pass_ws(q, k, v, do, lse, block: int, varlen: bool):
+    """TMA descriptors ``(q, do, k, v)`` for the warp-specialised long pass, or None where the Triton one
+    runs instead: no Gluon, not an sm_90 GPU, packed sequences (a TMA tile would read the neighbour's rows),
+    fp32, pattern blocks under 64 keys (a warpgroup's 64 rows would span columns), head dims other than 64
+    and 128, or tensors TMA cannot address (alignment)."""
+    if not (LONG_PASS_WS and GluonDescriptor is not None and not varlen and block >= 64 and q.element_size() == 2
+            and q.shape[-1] in (64, 128) and lse.stride(-1) == 1 and _is_hopper(q.device)):
+        return None
+    descs = []
+    for x, rows in ((q, WS_TILES.block_m), (do, WS_TILES.block_m), (k, 64), (v, 64)):
+        d = _row_tiles(x, rows, x.shape[-1])
+        if d is None:
+            return None
+        layout = gl.NVMMASharedLayout.get_default_for(d.block_shape, gl.bfloat16 if x.dtype == torch.bfloat16
+                                                      else gl.float16)
+        descs.append(GluonDescriptor(x, d.shape, d.strides, d.block_shape, layout))
+    return descs
+
+
 def _seq_args(q, k, cu_q, cu_k):
     varlen = cu_q is not None
     if varlen:
@@ -255,7 +295,8 @@ def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, row
         parts, open_align = row_table[:2], t.block_m
     else:
         table_splits = 1
-        lt = tiles("dkdv_long", block, head_dim, False, q.element_size(), max_k)
+        ws = _long_pass_ws(q, k, v, do, lse, block, varlen)
+        lt = WS_TILES if ws else tiles("dkdv_long", block, head_dim, False, q.element_size(), max_k)
         open_align = max(lt.block_m, t.block_m)  # where a long column's two passes meet (powers of two)
         chunk, splits = _column_chunks(max_q, lt.block_m, deterministic)
         part_rows = k.shape[1] // (block * part_stride) + 2 * batch if varlen else batch * part_cols
@@ -266,12 +307,20 @@ def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, row
         n_sub = max(1, block // lt.block_n)
         order = _long_order(triton.cdiv(part_cols, cols) * n_sub, n_sub, splits, chunk, cols * part_stride, block,
                             lt.block_m, open_align, triton.cdiv(max_k, lt.block_m), causal, q.device)
-        _attn_bwd_dkdv_long[(order.numel() * heads, 1, batch)](
-            *seq, lse, delta, *parts, order, cu_q, cu_k, *strides, *lse_strides,
-            max_q, max_k, heads // kv_heads, heads, scale * LOG2E, chunk, splits, part_cols, part_stride, *rule[:8],
-            BLOCK_M=lt.block_m, BLOCK_N=lt.block_n, COLS=cols, ATOMIC=splits > 1, OPEN_ALIGN=open_align,
-            num_warps=lt.num_warps, num_stages=lt.num_stages, **common,
-        )
+        grid = (order.numel() * heads, 1, batch)
+        scalars = (max_q, max_k, heads // kv_heads, heads, scale * LOG2E, chunk, splits, part_cols)
+        if ws:
+            _attn_bwd_dkdv_long_ws[grid](
+                *ws, lse, delta, *parts, order, *lse_strides[:2], *scalars, *rule[:8], BLOCK=block,
+                BLOCK_M=lt.block_m, COLS=cols, HEAD_DIM=head_dim, CAUSAL=causal, ATOMIC=splits > 1,
+                OPEN_ALIGN=open_align, STAGES=lt.num_stages, num_warps=4, maxnreg=WS_MAXNREG,
+            )
+        else:
+            _attn_bwd_dkdv_long[grid](
+                *seq, lse, delta, *parts, order, cu_q, cu_k, *strides, *lse_strides, *scalars, part_stride, *rule[:8],
+                BLOCK_M=lt.block_m, BLOCK_N=lt.block_n, COLS=cols, ATOMIC=splits > 1, OPEN_ALIGN=open_align,
+                num_warps=lt.num_warps, num_stages=lt.num_stages, **common,
+            )
     atomic = table_splits > 1  # split table columns add up in fp32
     if atomic:
         dk, dv = (torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (k, v))

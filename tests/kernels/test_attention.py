@@ -284,6 +284,34 @@ def test_long_pass_own_query_tile(monkeypatch, long_m, short_m, block):
     check(*make_qkv(1, 397, 421, 2, 2, 32, torch.float32), pattern)
 
 
+WARP_SPECIALISED = (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+                    and launch.GluonDescriptor is not None)
+
+
+@pytest.mark.skipif(not WARP_SPECIALISED, reason="the warp-specialised long pass needs Gluon and an sm_90 GPU")
+@pytest.mark.parametrize("block, dim, dtype", [(64, 128, torch.bfloat16), (128, 64, torch.float16),
+                                               (128, 128, torch.bfloat16)])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_long_pass_warp_specialised(monkeypatch, block, dim, dtype, causal, deterministic):
+    """The Gluon long pass (Hopper) against the reference and against the Triton long pass: two
+    columns to a 128-key tile (block 64), half a block a warpgroup (128); head dims 128 and 64;
+    batch 2, GQA, a dense head, fewer queries than keys (end-aligned, odd), a last column cut short;
+    split columns (atomics) and deterministic (stores)."""
+    taken = []
+    real = launch._long_pass_ws
+    monkeypatch.setattr(launch, "_long_pass_ws", lambda *a: taken.append(real(*a)) or taken[-1])
+    pattern = local_stride(4, 8192, block, local_blocks=2, vert_stride=3, num_kv_heads=2, num_dense_heads=1,
+                           causal=causal)
+    q, k, v = make_qkv(2, 2900 - block // 2 - 3, 2900, 4, 2, dim, dtype)
+    ws = check(q, k, v, pattern, deterministic=deterministic)
+    assert taken and all(d is not None for d in taken), "the warp-specialised long pass did not run"
+    monkeypatch.setattr(launch, "LONG_PASS_WS", False)
+    triton_grads = check(q, k, v, pattern, deterministic=deterministic)
+    for a, b in zip(ws, triton_grads):
+        assert rel_err(a, b.double()) <= 4e-3
+
+
 @pytest.mark.parametrize("dtype, grad_tol", [(torch.float16, None), (torch.bfloat16, 0.3)])
 def test_large_scores_stay_finite(dtype, grad_tol):
     """Scores around 1e3-1e4 (large activations): the online softmax neither overflows nor NaNs,
