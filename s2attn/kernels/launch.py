@@ -27,7 +27,7 @@ try:  # Gluon (Triton >= 3.5): the warp-specialised long pass for Hopper
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
 
-    from .long_pass_hopper import _attn_bwd_dkdv_long_ws
+    from .hopper import _attn_bwd_dkdv_long_ws, _attn_bwd_dq_ws
 except ImportError:
     GluonDescriptor = None
 
@@ -37,7 +37,7 @@ DKDV_CHUNK = 8  # fewest query tiles per dK/dV program on a long column (load ba
 DKDV_SPLITS = 4  # aim to cut the longest column into about this many chunks (H100, 8k-64k: 2 or 8 no better)
 TILE_OVERRIDES: dict = {}  # kernel name -> Tiles, for tuning runs (benchmarks/profile_bwd.py)
 USE_TMA = {"fwd": True, "dq": True, "dkdv": True}  # kernels that read tiles through TMA where they can (_descriptors)
-LONG_PASS_WS = True  # the long pass warp-specialised on Hopper where it applies (_long_pass_ws)
+WARP_SPECIALISED = {"dq": True, "dkdv_long": True}  # Gluon kernels on Hopper where they apply (_hopper_descriptors)
 
 
 @dataclass(frozen=True)
@@ -179,29 +179,32 @@ def _long_order(n_tiles: int, n_sub: int, splits: int, chunk: int, col_blocks: i
     return torch.tensor(order, dtype=torch.int32, device=device)
 
 
-# the warp-specialised long pass: 64 queries, 2 x 64 keys, 2 stages (H100, 128k: 3 stages 42-44 ms against 34-35);
-# 12 warps (4 + 4 + a loader warp, rounded up to warpgroups) in 64K registers: 240 a compute thread, 24 a loader
+# the warp-specialised kernels (Gluon, Hopper): tiles of 64 rows a warpgroup (two compute warpgroups and a loader
+# warp, 12 warps in 64K registers: 240 a compute thread, 24 a loader); the long pass in 2 stages (H100, 128k: 3
+# stages 42-44 ms against 34-35)
 WS_TILES = Tiles(64, 128, 12, 2)
+WS_DQ_STAGES = 2
+WS_DQ_FROM = 32768
 WS_MAXNREG = 168
 
 
 @functools.lru_cache
 def _is_hopper(device: torch.device) -> bool:
-    """An sm_90 GPU: ``wgmma``, which the warp-specialised long pass is written in (Blackwell has not got it)."""
+    """An sm_90 GPU: ``wgmma``, which the warp-specialised kernels are written in (Blackwell has not got it)."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
 
 
-def _long_pass_ws(q, k, v, do, lse, block: int, varlen: bool):
-    """TMA descriptors ``(q, do, k, v)`` for the warp-specialised long pass, or None where the Triton one
-    runs instead: no Gluon, not an sm_90 GPU, packed sequences (a TMA tile would read the neighbour's rows),
-    fp32, pattern blocks under 64 keys (a warpgroup's 64 rows would span columns), head dims other than 64
+def _hopper_descriptors(q, k, v, do, lse, block: int, varlen: bool):
+    """TMA descriptors ``(q, do, k, v)`` in tiles of 64 rows for the warp-specialised kernels, or None where the
+    Triton ones run instead: no Gluon, not an sm_90 GPU, packed sequences (a TMA tile would read the neighbour's
+    rows), fp32, pattern blocks under 64 keys (a warpgroup's 64 rows would span blocks), head dims other than 64
     and 128, or tensors TMA cannot address (alignment)."""
-    if not (LONG_PASS_WS and GluonDescriptor is not None and not varlen and block >= 64 and q.element_size() == 2
+    if not (GluonDescriptor is not None and not varlen and block >= 64 and q.element_size() == 2
             and q.shape[-1] in (64, 128) and lse.stride(-1) == 1 and _is_hopper(q.device)):
         return None
     descs = []
-    for x, rows in ((q, WS_TILES.block_m), (do, WS_TILES.block_m), (k, 64), (v, 64)):
-        d = _row_tiles(x, rows, x.shape[-1])
+    for x in (q, do, k, v):
+        d = _row_tiles(x, 64, x.shape[-1])
         if d is None:
             return None
         layout = gl.NVMMASharedLayout.get_default_for(d.block_shape, gl.bfloat16 if x.dtype == torch.bfloat16
@@ -270,18 +273,27 @@ def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, row
     lse_strides = _lse_strides(lse, varlen)
     delta = torch.empty_like(lse)  # written by the dQ kernel, read by the dK/dV kernel
 
-    t = tiles("dq", block, head_dim, use_table, q.element_size(), max_k)
+    hopper = None if use_table else _hopper_descriptors(q, k, v, do, lse, block, varlen)
     dq = _new_like(q)
-    descs = _descriptors("dq", k, v, t, block_d, varlen)
-    _attn_bwd_dq[(triton.cdiv(max_q, t.block_m) + 1, heads, batch)](
-        q, k, v, out, do, dq, lse, lse if dlse is None else dlse.contiguous(), delta, cu_q, cu_k, *row_table,
-        *descs,
-        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
-        *_strides(do, varlen), *_strides(dq, varlen), *lse_strides,
-        max_q, max_k, heads // kv_heads, triton.cdiv(max_k, t.block_m), scale * LOG2E, scale, *rule,
-        BLOCK_M=t.block_m, BLOCK_N=t.block_n, TABLE=use_table, PAIRS=t.pairs, HAS_DLSE=dlse is not None,
-        TMA=descs[0] is not k, num_warps=t.num_warps, num_stages=t.num_stages, **common,
-    )
+    dlse = lse if dlse is None else dlse.contiguous()
+    if hopper and WARP_SPECIALISED["dq"] and max_k > WS_DQ_FROM:
+        _attn_bwd_dq_ws[(triton.cdiv(max_q, 128) + 1, heads, batch)](
+            *hopper, out, do, dq, lse, dlse, delta, *_strides(out, varlen), *_strides(do, varlen),
+            *_strides(dq, varlen), *lse_strides[:2], max_q, max_k, heads // kv_heads, scale * LOG2E, scale, *rule[:8],
+            BLOCK=block, HEAD_DIM=head_dim, CAUSAL=causal, HAS_DLSE=dlse is not lse, STAGES=WS_DQ_STAGES,
+            num_warps=4, maxnreg=WS_MAXNREG,
+        )
+    else:
+        t = tiles("dq", block, head_dim, use_table, q.element_size(), max_k)
+        descs = _descriptors("dq", k, v, t, block_d, varlen)
+        _attn_bwd_dq[(triton.cdiv(max_q, t.block_m) + 1, heads, batch)](
+            q, k, v, out, do, dq, lse, dlse, delta, cu_q, cu_k, *row_table, *descs,
+            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
+            *_strides(do, varlen), *_strides(dq, varlen), *lse_strides,
+            max_q, max_k, heads // kv_heads, triton.cdiv(max_k, t.block_m), scale * LOG2E, scale, *rule,
+            BLOCK_M=t.block_m, BLOCK_N=t.block_n, TABLE=use_table, PAIRS=t.pairs, HAS_DLSE=dlse is not lse,
+            TMA=descs[0] is not k, num_warps=t.num_warps, num_stages=t.num_stages, **common,
+        )
 
     t = tiles("dkdv", block, head_dim, use_table, q.element_size())
     n_kb = triton.cdiv(max_k, block)
@@ -295,7 +307,7 @@ def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, row
         parts, open_align = row_table[:2], t.block_m
     else:
         table_splits = 1
-        ws = _long_pass_ws(q, k, v, do, lse, block, varlen)
+        ws = hopper and WARP_SPECIALISED["dkdv_long"]
         lt = WS_TILES if ws else tiles("dkdv_long", block, head_dim, False, q.element_size(), max_k)
         open_align = max(lt.block_m, t.block_m)  # where a long column's two passes meet (powers of two)
         chunk, splits = _column_chunks(max_q, lt.block_m, deterministic)
@@ -311,7 +323,7 @@ def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, row
         scalars = (max_q, max_k, heads // kv_heads, heads, scale * LOG2E, chunk, splits, part_cols)
         if ws:
             _attn_bwd_dkdv_long_ws[grid](
-                *ws, lse, delta, *parts, order, *lse_strides[:2], *scalars, *rule[:8], BLOCK=block,
+                *hopper, lse, delta, *parts, order, *lse_strides[:2], *scalars, *rule[:8], BLOCK=block,
                 BLOCK_M=lt.block_m, COLS=cols, HEAD_DIM=head_dim, CAUSAL=causal, ATOMIC=splits > 1,
                 OPEN_ALIGN=open_align, STAGES=lt.num_stages, num_warps=4, maxnreg=WS_MAXNREG,
             )

@@ -288,26 +288,27 @@ WARP_SPECIALISED = (torch.cuda.is_available() and torch.cuda.get_device_capabili
                     and launch.GluonDescriptor is not None)
 
 
-@pytest.mark.skipif(not WARP_SPECIALISED, reason="the warp-specialised long pass needs Gluon and an sm_90 GPU")
+@pytest.mark.skipif(not WARP_SPECIALISED, reason="the warp-specialised kernels need Gluon and an sm_90 GPU")
 @pytest.mark.parametrize("block, dim, dtype", [(64, 128, torch.bfloat16), (128, 64, torch.float16),
                                                (128, 128, torch.bfloat16)])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_long_pass_warp_specialised(monkeypatch, block, dim, dtype, causal, deterministic):
-    """The Gluon long pass (Hopper) against the reference and against the Triton long pass: two
-    columns to a 128-key tile (block 64), half a block a warpgroup (128); head dims 128 and 64;
-    batch 2, GQA, a dense head, fewer queries than keys (end-aligned, odd), a last column cut short;
-    split columns (atomics) and deterministic (stores)."""
+def test_warp_specialised_kernels(monkeypatch, block, dim, dtype, causal, deterministic):
+    """The Gluon dQ and long pass (Hopper) against the reference and against the Triton kernels: two
+    long columns to a 128-key tile (block 64), half a block a warpgroup (128); two key tiles to a block
+    in dQ (128); head dims 128 and 64; batch 2, GQA, a dense head, fewer queries than keys (end-aligned,
+    odd), a last column cut short; split columns (atomics) and deterministic (stores, and the lse gradient)."""
+    monkeypatch.setattr(launch, "WS_DQ_FROM", 0)  # dQ's Gluon kernel runs past 32k keys by default
     taken = []
-    real = launch._long_pass_ws
-    monkeypatch.setattr(launch, "_long_pass_ws", lambda *a: taken.append(real(*a)) or taken[-1])
+    real = launch._hopper_descriptors
+    monkeypatch.setattr(launch, "_hopper_descriptors", lambda *a: taken.append(real(*a)) or taken[-1])
     pattern = local_stride(4, 8192, block, local_blocks=2, vert_stride=3, num_kv_heads=2, num_dense_heads=1,
                            causal=causal)
     q, k, v = make_qkv(2, 2900 - block // 2 - 3, 2900, 4, 2, dim, dtype)
-    ws = check(q, k, v, pattern, deterministic=deterministic)
-    assert taken and all(d is not None for d in taken), "the warp-specialised long pass did not run"
-    monkeypatch.setattr(launch, "LONG_PASS_WS", False)
-    triton_grads = check(q, k, v, pattern, deterministic=deterministic)
+    ws = check(q, k, v, pattern, deterministic=deterministic, with_lse=deterministic)
+    assert taken and all(d is not None for d in taken), "the warp-specialised kernels did not run"
+    monkeypatch.setattr(launch, "WARP_SPECIALISED", {"dq": False, "dkdv_long": False})
+    triton_grads = check(q, k, v, pattern, deterministic=deterministic, with_lse=deterministic)
     for a, b in zip(ws, triton_grads):
         assert rel_err(a, b.double()) <= 4e-3
 

@@ -1,0 +1,360 @@
+"""Warp-specialised backward kernels for Hopper GPUs (Gluon): the dK/dV long pass, and dQ.
+
+Same work and same outputs as their Triton twins in :mod:`s2attn.kernels.attention`
+(``_attn_bwd_dkdv_long``: fp32 partial sums of the long columns' full query tiles; ``_attn_bwd_dq`` on
+the rule path: dQ and delta), with the roles split across warps instead of every warp doing everything
+in lockstep at CTA barriers:
+
+* one *loader* warp streams tiles through TMA into a ring of shared-memory stages (the long pass: Q and
+  dO tiles of 64 queries; dQ: K and V tiles of 64 keys) and signals each one ready on an mbarrier;
+* two *compute* warpgroups each own 64 rows (long pass: key rows, with their K, V, dK and dV; dQ: query
+  rows, with their Q, dO and dQ). They share the ring but nothing else, so neither waits for the other:
+  while one computes ``exp2`` and dS, the other's products keep the tensor cores busy. Each releases a
+  stage by arriving on its ``empty`` barrier (count 2).
+
+In the long pass a warpgroup skips the query tiles before its own column opens (causal), so no tile is
+masked except for rows past the sequence's end. The Triton kernels stay the reference, and the path
+everywhere else: other GPUs, the CPU interpreter, packed sequences, mask tables, pattern blocks under 64,
+head dims other than 64 and 128, fp32 (see ``launch._hopper_descriptors``).
+"""
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+from .attention import _first_congruent, _head_rule, _load_lse2, _long_open, _row_segments, _rows_allowed, _tile_ok
+
+ROWS = gl.constexpr(64)  # key rows per compute warpgroup (one wgmma M)
+
+
+@gluon.jit
+def _opens(kb, q_tile_lo, BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, OPEN_ALIGN: gl.constexpr,
+           CAUSAL: gl.constexpr):
+    """First query tile of long column ``kb``'s full tiles (see ``attention._long_open``)."""
+    if CAUSAL:
+        return gl.maximum(_long_open(kb, BLOCK, OPEN_ALIGN) // BLOCK_M, q_tile_lo)
+    else:
+        return q_tile_lo
+
+
+@gluon.jit
+def _loader(q_desc, do_desc, k_desc, v_desc, q_bufs, do_bufs, k_bufs, v_bufs, ready, empty, kv_ready,
+            b, h, kvh, row0, row1, lo, hi, q_off, BLOCK_M: gl.constexpr):
+    stages: gl.constexpr = q_bufs.type.shape[0]
+    mbarrier.expect(kv_ready, 2 * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
+    tma.async_copy_global_to_shared(k_desc, [b, row0, kvh, 0], kv_ready, k_bufs.index(0))
+    tma.async_copy_global_to_shared(v_desc, [b, row0, kvh, 0], kv_ready, v_bufs.index(0))
+    tma.async_copy_global_to_shared(k_desc, [b, row1, kvh, 0], kv_ready, k_bufs.index(1))
+    tma.async_copy_global_to_shared(v_desc, [b, row1, kvh, 0], kv_ready, v_bufs.index(1))
+    for i in range(hi - lo):
+        s = i % stages
+        mbarrier.wait(empty.index(s), (i // stages & 1) ^ 1)  # a fresh barrier's phase "1" is complete
+        bar = ready.index(s)
+        mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+        row = (lo + i) * BLOCK_M - q_off  # negative or past the end: TMA reads zeros there
+        tma.async_copy_global_to_shared(q_desc, [b, row, h, 0], bar, q_bufs.index(s))
+        tma.async_copy_global_to_shared(do_desc, [b, row, h, 0], bar, do_bufs.index(s))
+
+
+@gluon.jit
+def _compute(q_bufs, do_bufs, k_bufs, v_bufs, ready, empty, kv_ready, PART_K, PART_V, lse_ptr, delta_ptr,
+             part_row, key0, len_k, len_q, q_off, lo, hi, open_lo, qk_scale,
+             WG: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, ATOMIC: gl.constexpr):
+    """Compute warpgroup ``WG``: dK and dV of its 64 key rows (from ``key0``) over query tiles
+    ``open_lo..hi-1`` of ``lo..hi-1``, added (or stored) at row ``part_row`` of the partial sums."""
+    stages: gl.constexpr = q_bufs.type.shape[0]
+    dtype: gl.constexpr = q_bufs.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_M, 16])
+    d_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=d_layout, k_width=2)
+    col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+    zeros_s = gl.zeros([ROWS, BLOCK_M], gl.float32, s_layout)
+    k = k_bufs.index(WG).reshape([ROWS, HEAD_DIM])
+    v = v_bufs.index(WG).reshape([ROWS, HEAD_DIM])
+    offs_m = gl.arange(0, BLOCK_M, col_layout)
+    n = hi - lo
+    n_skip = gl.minimum(gl.maximum(open_lo - lo, 0), n)
+    for i in range(n_skip):  # tiles before this warpgroup's column opens: pass the stage on
+        mbarrier.wait(ready.index(i % stages), i // stages & 1)
+        mbarrier.arrive(empty.index(i % stages), count=1)
+    mbarrier.wait(kv_ready, 0)
+    dk = gl.zeros([ROWS, HEAD_DIM], gl.float32, d_layout)
+    dv = gl.zeros([ROWS, HEAD_DIM], gl.float32, d_layout)
+    for i in range(n_skip, n):
+        s = i % stages
+        q_row = (lo + i) * BLOCK_M + offs_m - q_off
+        row_ok = (q_row >= 0) & (q_row < len_q)
+        lse = gl.load(lse_ptr + q_row, mask=row_ok, other=float("inf"))
+        lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        delta = gl.load(delta_ptr + q_row, mask=row_ok, other=0.0)
+        mbarrier.wait(ready.index(s), i // stages & 1)
+        q = q_bufs.index(s).reshape([BLOCK_M, HEAD_DIM])
+        do = do_bufs.index(s).reshape([BLOCK_M, HEAD_DIM])
+        st = warpgroup_mma(k, q.permute((1, 0)), zeros_s, use_acc=False, is_async=True)
+        dpt = warpgroup_mma(v, do.permute((1, 0)), zeros_s, use_acc=False, is_async=True)
+        st = warpgroup_mma_wait(num_outstanding=1, deps=(st,))
+        pt = gl.exp2(st * qk_scale - lse2[None, :])
+        # dV's product runs while dS is computed (H100: long pass 128k 34.2-34.8 ms against 35.2, 32k 2.09-2.11
+        # against 2.12-2.16)
+        dv = warpgroup_mma(gl.convert_layout(pt.to(dtype), a_layout), do, dv, is_async=True)
+        dpt = warpgroup_mma_wait(num_outstanding=1, deps=(dpt,))
+        dst = pt * (dpt - delta[None, :])
+        dk = warpgroup_mma(gl.convert_layout(dst.to(dtype), a_layout), q, dk, is_async=True)
+        # waiting here, not after the next tile's first products: releasing the stage a tile later starved
+        # the loader (H100, 128k: long pass 41-42 ms against 34-35)
+        dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
+        mbarrier.arrive(empty.index(s), count=1)
+    offs_r = gl.arange(0, ROWS, gl.SliceLayout(1, d_layout))
+    offs_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, d_layout))
+    ok = ((key0 + offs_r) < len_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    ptrs = (part_row + offs_r).to(gl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
+    if ATOMIC:
+        if n_skip < n:
+            gl.atomic_add(PART_K + ptrs, dk, mask=ok, sem="relaxed")
+            gl.atomic_add(PART_V + ptrs, dv, mask=ok, sem="relaxed")
+    else:  # every row once, zeros included (a column with no full tile here still reads its sums)
+        gl.store(PART_K + ptrs, dk, mask=ok)
+        gl.store(PART_V + ptrs, dv, mask=ok)
+
+
+@gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k"])  # worker partitions take values, not Python ints
+def _attn_bwd_dkdv_long_ws(
+    q_desc, do_desc, k_desc, v_desc, LSE, DELTA, PART_K, PART_V, ORDER,
+    stride_lb, stride_lh,
+    seqlen_q, seqlen_k, heads_per_kv, n_heads, qk_scale, chunk, n_splits, part_cols,
+    local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous,
+    BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, COLS: gl.constexpr, HEAD_DIM: gl.constexpr,
+    CAUSAL: gl.constexpr, ATOMIC: gl.constexpr, OPEN_ALIGN: gl.constexpr, STAGES: gl.constexpr,
+):
+    """Program ``slot rank x heads + head``: the ``split``-th chunk of query tiles of one 128-key tile
+    (``COLS`` columns of ``BLOCK >= 64`` keys, or half a 128-key block) of one head, as in the Triton
+    long pass; batch ``program_id(2)``."""
+    h = gl.program_id(0) % n_heads
+    slot = gl.load(ORDER + gl.program_id(0) // n_heads)
+    tile = slot // n_splits
+    split = slot % n_splits
+    b = gl.program_id(2)
+    len_q = seqlen_q
+    len_k = seqlen_k
+    TILE_ROWS: gl.constexpr = 2 * ROWS
+    COL_ROWS: gl.constexpr = TILE_ROWS // COLS  # rows of one column in the tile
+    NSUB: gl.constexpr = BLOCK // COL_ROWS
+    group = tile // NSUB
+    shift, dense = _head_rule(h, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous)
+    first = _first_congruent(0, stride, shift)
+    # the two warpgroups' columns and first rows
+    c0 = group * COLS
+    c1 = group * COLS + ROWS // COL_ROWS
+    kb0 = gl.where(dense, c0, first + c0 * stride)
+    kb1 = gl.where(dense, c1, first + c1 * stride)
+    in0 = (tile % NSUB) * COL_ROWS
+    in1 = (tile % NSUB) * COL_ROWS + ROWS % COL_ROWS
+    if kb0 * BLOCK < len_k:
+        q_off = len_k - len_q
+        q_tile_lo = q_off // BLOCK_M
+        q_tile_hi = (len_k - 1) // BLOCK_M
+        open0 = _opens(kb0, q_tile_lo, BLOCK, BLOCK_M, OPEN_ALIGN, CAUSAL)
+        open1 = _opens(kb1, q_tile_lo, BLOCK, BLOCK_M, OPEN_ALIGN, CAUSAL)
+        lo = gl.minimum(open0, open1) + split * chunk
+        hi = gl.minimum(lo + chunk, q_tile_hi + 1)
+        if kb1 * BLOCK >= len_k:
+            open1 = hi  # no second column: its warpgroup only keeps the ring turning
+        kvh = h // heads_per_kv
+        q_bufs = gl.allocate_shared_memory(q_desc.dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
+        do_bufs = gl.allocate_shared_memory(do_desc.dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
+        k_bufs = gl.allocate_shared_memory(k_desc.dtype, [2] + k_desc.block_type.shape, k_desc.layout)
+        v_bufs = gl.allocate_shared_memory(v_desc.dtype, [2] + v_desc.block_type.shape, v_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(ready.index(s), count=1)
+            mbarrier.init(empty.index(s), count=2)
+        mbarrier.init(kv_ready, count=1)
+        lse_ptr = LSE + b * stride_lb + h * stride_lh
+        delta_ptr = DELTA + b * stride_lb + h * stride_lh
+        base = b * part_cols
+        part0 = ((base + c0).to(gl.int64) * n_heads + h) * BLOCK + in0
+        part1 = ((base + c1).to(gl.int64) * n_heads + h) * BLOCK + in1
+        key0 = kb0 * BLOCK + in0
+        key1 = kb1 * BLOCK + in1
+        gl.warp_specialize([
+            (_compute, (q_bufs, do_bufs, k_bufs, v_bufs, ready, empty, kv_ready, PART_K, PART_V, lse_ptr, delta_ptr,
+                        part0, key0, len_k, len_q, q_off, lo, hi, open0, qk_scale, 0, BLOCK_M, HEAD_DIM, ATOMIC)),
+            (_compute, (q_bufs, do_bufs, k_bufs, v_bufs, ready, empty, kv_ready, PART_K, PART_V, lse_ptr, delta_ptr,
+                        part1, key1, len_k, len_q, q_off, lo, hi, open1, qk_scale, 1, BLOCK_M, HEAD_DIM, ATOMIC)),
+            (_loader, (q_desc, do_desc, k_desc, v_desc, q_bufs, do_bufs, k_bufs, v_bufs, ready, empty, kv_ready,
+                       b, h, kvh, key0, key1, lo, hi, q_off, BLOCK_M)),
+        ], [4, 1], [240, 24])
+
+
+
+# --------------------------------------------------------------------------- dQ, query-major
+@gluon.jit
+def _nth_block(j, a0, a_step, an, b_lo, bn, c_lo, cn, d_lo, dn, e0, stride):
+    """Key block of step ``j`` over a query tile's five segments in order (see ``attention._row_segments``),
+    and whether it is masked (segments b, d, e)."""
+    ab = an + bn
+    abc = ab + cn
+    abcd = abc + dn
+    kb = gl.where(j < abcd, d_lo + (j - abc), e0 + (j - abcd) * stride)
+    kb = gl.where(j < abc, c_lo + (j - ab), kb)
+    kb = gl.where(j < ab, b_lo + (j - an), kb)
+    kb = gl.where(j < an, a0 + j * a_step, kb)
+    return kb, (j >= an) & ((j < ab) | (j >= abc))
+
+
+@gluon.jit
+def _dq_loader(q_desc, do_desc, k_desc, v_desc, q_bufs, do_bufs, k_bufs, v_bufs, qdo_ready, ready, empty,
+               b, h, kvh, q_row0, steps, a0, a_step, an, b_lo, bn, c_lo, cn, d_lo, dn, e0, stride,
+               BLOCK: gl.constexpr):
+    """The warpgroups' query and dO rows once, then K and V tile after tile through the ring."""
+    stages: gl.constexpr = k_bufs.type.shape[0]
+    KEYS: gl.constexpr = k_desc.block_type.shape[1]
+    NSUB: gl.constexpr = BLOCK // KEYS  # key tiles to a pattern block
+    ROWS_Q: gl.constexpr = q_desc.block_type.shape[1]
+    mbarrier.expect(qdo_ready, 2 * (q_desc.block_type.nbytes + do_desc.block_type.nbytes))
+    for w in gl.static_range(2):
+        tma.async_copy_global_to_shared(q_desc, [b, q_row0 + w * ROWS_Q, h, 0], qdo_ready, q_bufs.index(w))
+        tma.async_copy_global_to_shared(do_desc, [b, q_row0 + w * ROWS_Q, h, 0], qdo_ready, do_bufs.index(w))
+    for j in range(steps):
+        s = j % stages
+        kb, _ = _nth_block(j // NSUB, a0, a_step, an, b_lo, bn, c_lo, cn, d_lo, dn, e0, stride)
+        row = kb * BLOCK + (j % NSUB) * KEYS  # past the end: TMA reads zeros
+        mbarrier.wait(empty.index(s), (j // stages & 1) ^ 1)
+        bar = ready.index(s)
+        mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [b, row, kvh, 0], bar, k_bufs.index(s))
+        tma.async_copy_global_to_shared(v_desc, [b, row, kvh, 0], bar, v_bufs.index(s))
+
+
+@gluon.jit
+def _dq_compute(q_bufs, do_bufs, k_bufs, v_bufs, qdo_ready, ready, empty, O, DO, DQ, LSE, DLSE, DELTA,
+                stride_os, stride_dos, stride_dqs, q_first, len_q, len_k, q_off, qk_scale, sm_scale,
+                steps, a0, a_step, an, b_lo, bn, c_lo, cn, d_lo, dn, e0, local, stride, shift, dense,
+                WG: gl.constexpr, BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr,
+                HAS_DLSE: gl.constexpr):
+    """Compute warpgroup ``WG``: delta and dQ of its 64 query rows (positions from ``q_first``); ``O``,
+    ``DO``, ``DQ``, ``LSE``, ``DLSE`` and ``DELTA`` point at this head's row 0 of the sequence."""
+    stages: gl.constexpr = k_bufs.type.shape[0]
+    dtype: gl.constexpr = k_bufs.dtype
+    KEYS: gl.constexpr = k_bufs.type.shape[2]
+    NSUB: gl.constexpr = BLOCK // KEYS
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, KEYS, 16])
+    d_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=d_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    # delta = rowsum(dO * O) - dlse, for the dK/dV kernels too
+    q_pos_d = q_first + gl.arange(0, ROWS, gl.SliceLayout(1, d_layout))
+    q_row_d = q_pos_d - q_off
+    offs_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, d_layout))
+    io_mask = ((q_row_d >= 0) & (q_row_d < len_q))[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = gl.load(O + q_row_d.to(gl.int64)[:, None] * stride_os + offs_d[None, :], mask=io_mask, other=0.0)
+    do_r = gl.load(DO + q_row_d.to(gl.int64)[:, None] * stride_dos + offs_d[None, :], mask=io_mask, other=0.0)
+    delta = gl.sum(o.to(gl.float32) * do_r.to(gl.float32), 1)
+    q_pos = q_first + gl.arange(0, ROWS, row_layout)
+    q_row = q_pos - q_off
+    row_ok = (q_row >= 0) & (q_row < len_q)
+    if HAS_DLSE:
+        delta = delta - gl.convert_layout(gl.load(DLSE + q_row, mask=row_ok, other=0.0), delta.type.layout)
+    gl.store(DELTA + q_row_d, delta, mask=(q_row_d >= 0) & (q_row_d < len_q))
+    delta = gl.convert_layout(delta, row_layout)
+    lse2 = _load_lse2(LSE + q_row, row_ok)
+    qb_rows = q_pos // BLOCK
+    offs_n = gl.arange(0, KEYS, gl.SliceLayout(0, s_layout))
+    zeros_s = gl.zeros([ROWS, KEYS], gl.float32, s_layout)
+    dq = gl.zeros([ROWS, HEAD_DIM], gl.float32, d_layout)
+    mbarrier.wait(qdo_ready, 0)
+    q = q_bufs.index(WG).reshape([ROWS, HEAD_DIM])
+    do = do_bufs.index(WG).reshape([ROWS, HEAD_DIM])
+    for j in range(steps):
+        s = j % stages
+        kb, masked = _nth_block(j // NSUB, a0, a_step, an, b_lo, bn, c_lo, cn, d_lo, dn, e0, stride)
+        mbarrier.wait(ready.index(s), j // stages & 1)
+        k = k_bufs.index(s).reshape([KEYS, HEAD_DIM])
+        v = v_bufs.index(s).reshape([KEYS, HEAD_DIM])
+        st = warpgroup_mma(q, k.permute((1, 0)), zeros_s, use_acc=False, is_async=True)
+        dpt = warpgroup_mma(do, v.permute((1, 0)), zeros_s, use_acc=False, is_async=True)
+        st = warpgroup_mma_wait(num_outstanding=1, deps=(st,))
+        p = gl.exp2(st * qk_scale - lse2[:, None])
+        if masked:
+            k_pos = kb * BLOCK + (j % NSUB) * KEYS + offs_n
+            ok = _tile_ok(_rows_allowed(qb_rows, kb, local, stride, shift, dense, CAUSAL), q_pos, k_pos, len_k,
+                          CAUSAL)
+            p = gl.where(ok, p, 0.0)
+        dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt,))
+        ds = p * (dpt - delta[:, None])
+        dq = warpgroup_mma(gl.convert_layout(ds.to(dtype), a_layout), k, dq, is_async=True)
+        dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq,))
+        mbarrier.arrive(empty.index(s), count=1)
+    gl.store(DQ + q_row_d.to(gl.int64)[:, None] * stride_dqs + offs_d[None, :], (dq * sm_scale).to(dtype),
+             mask=io_mask)
+
+
+@gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "stride_os", "stride_dos", "stride_dqs"])
+def _attn_bwd_dq_ws(
+    q_desc, do_desc, k_desc, v_desc, O, DO, DQ, LSE, DLSE, DELTA,
+    stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh,
+    stride_lb, stride_lh,
+    seqlen_q, seqlen_k, heads_per_kv, qk_scale, sm_scale,
+    local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous,
+    BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, HAS_DLSE: gl.constexpr,
+    STAGES: gl.constexpr,
+):
+    """dQ (and delta) of one tile of 128 queries (the last first), like ``attention._attn_bwd_dq`` on the
+    rule path: a loader warp streams the tile's key tiles through a ring, two compute warpgroups take 64
+    query rows each."""
+    TILE: gl.constexpr = 2 * ROWS
+    h = gl.program_id(1)
+    b = gl.program_id(2)
+    len_q = seqlen_q
+    len_k = seqlen_k
+    q_off = len_k - len_q
+    tile = (len_k - 1) // TILE - gl.program_id(0)
+    if tile >= q_off // TILE:
+        shift, dense = _head_rule(h, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous)
+        qb_lo = (tile * TILE) // BLOCK
+        qb_hi = gl.minimum(tile * TILE + TILE - 1, len_k - 1) // BLOCK
+        a0, an, b_lo, b_hi, c_lo, c_hi, d_lo, d_hi, e0, en = _row_segments(
+            qb_lo, qb_hi, gl.cdiv(len_k, BLOCK), local, stride, shift, dense, CAUSAL)
+        a_step = gl.where(dense, 1, stride)
+        bn = gl.maximum(b_hi - b_lo + 1, 0)
+        cn = gl.maximum(c_hi - c_lo + 1, 0)
+        dn = gl.maximum(d_hi - d_lo + 1, 0)
+        steps = (an + bn + cn + dn + en) * (BLOCK // k_desc.block_type.shape[1])
+        q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+        do_bufs = gl.allocate_shared_memory(do_desc.dtype, [2] + do_desc.block_type.shape, do_desc.layout)
+        k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+        v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        qdo_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(ready.index(s), count=1)
+            mbarrier.init(empty.index(s), count=2)
+        mbarrier.init(qdo_ready, count=1)
+        o_ptr = O + b * stride_ob + h * stride_oh
+        do_ptr = DO + b * stride_dob + h * stride_doh
+        dq_ptr = DQ + b * stride_dqb + h * stride_dqh
+        lse_ptr = LSE + b * stride_lb + h * stride_lh
+        dlse_ptr = DLSE + b * stride_lb + h * stride_lh
+        delta_ptr = DELTA + b * stride_lb + h * stride_lh
+        first0 = tile * TILE
+        first1 = tile * TILE + ROWS
+        gl.warp_specialize([
+            (_dq_compute, (q_bufs, do_bufs, k_bufs, v_bufs, qdo_ready, ready, empty, o_ptr, do_ptr, dq_ptr, lse_ptr,
+                           dlse_ptr, delta_ptr, stride_os, stride_dos, stride_dqs, first0, len_q, len_k, q_off,
+                           qk_scale, sm_scale, steps, a0, a_step, an, b_lo, bn, c_lo, cn, d_lo, dn, e0, local,
+                           stride, shift, dense, 0, BLOCK, HEAD_DIM, CAUSAL, HAS_DLSE)),
+            (_dq_compute, (q_bufs, do_bufs, k_bufs, v_bufs, qdo_ready, ready, empty, o_ptr, do_ptr, dq_ptr, lse_ptr,
+                           dlse_ptr, delta_ptr, stride_os, stride_dos, stride_dqs, first1, len_q, len_k, q_off,
+                           qk_scale, sm_scale, steps, a0, a_step, an, b_lo, bn, c_lo, cn, d_lo, dn, e0, local,
+                           stride, shift, dense, 1, BLOCK, HEAD_DIM, CAUSAL, HAS_DLSE)),
+            (_dq_loader, (q_desc, do_desc, k_desc, v_desc, q_bufs, do_bufs, k_bufs, v_bufs, qdo_ready, ready, empty,
+                          b, h, h // heads_per_kv, first0 - q_off, steps, a0, a_step, an, b_lo, bn, c_lo, cn, d_lo,
+                          dn, e0, stride, BLOCK)),
+        ], [4, 1], [240, 24])
