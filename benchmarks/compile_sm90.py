@@ -118,6 +118,7 @@ def configurations(quick: bool):
     yield "mask tables", _attention((1, s, 2, 2, 128), torch.bfloat16,
                                     from_mask(torch.rand(s // 64, s // 64) < 0.3, 64))
     yield "bf16, d256", _attention((1, s, 2, 2, 256), torch.bfloat16, local_stride(2, s, 64, 2, 4))
+    yield "bf16, d128, block 256", _attention((1, s, 2, 2, 128), torch.bfloat16, local_stride(2, 4 * s, 256, 2, 3))
     if quick:
         return
     yield "fp16, d64, block 128", _attention((1, s, 2, 2, 64), torch.float16, local_stride(2, s, 128, 2, 4))

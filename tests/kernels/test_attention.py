@@ -94,6 +94,13 @@ def test_head_dims(dim):
     check(*make_qkv(1, 200, 200, 2, 2, dim, torch.float32), pattern)
 
 
+def test_big_blocks_half_precision():
+    """Block 256 in bf16 at head dim 128: four key tiles to a block, through TMA on the GPU (an unrolled
+    loop over them once needed 410 KB of shared memory)."""
+    pattern = local_stride(2, 4096, 256, local_blocks=1, vert_stride=2)
+    check(*make_qkv(1, 700, 700, 2, 1, 128, torch.bfloat16), pattern)
+
+
 def test_wide_head_half_precision():
     pattern = local_stride(2, 512, 64, local_blocks=1, vert_stride=2)
     check(*make_qkv(1, 200, 200, 2, 1, 256, torch.bfloat16), pattern)
@@ -290,14 +297,15 @@ WARP_SPECIALISED = (torch.cuda.is_available() and torch.cuda.get_device_capabili
 
 @pytest.mark.skipif(not WARP_SPECIALISED, reason="the warp-specialised kernels need Gluon and an sm_90 GPU")
 @pytest.mark.parametrize("block, dim, dtype", [(64, 128, torch.bfloat16), (128, 64, torch.float16),
-                                               (128, 128, torch.bfloat16)])
+                                               (128, 128, torch.bfloat16), (256, 128, torch.bfloat16)])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_warp_specialised_kernels(monkeypatch, block, dim, dtype, causal, deterministic):
-    """The Gluon dQ and long pass (Hopper) against the reference and against the Triton kernels: two
-    long columns to a 128-key tile (block 64), half a block a warpgroup (128); two key tiles to a block
-    in dQ (128); head dims 128 and 64; batch 2, GQA, a dense head, fewer queries than keys (end-aligned,
-    odd), a last column cut short; split columns (atomics) and deterministic (stores, and the lse gradient)."""
+    """The Gluon dQ and long pass (Hopper) against the reference and against the Triton kernels: two long
+    columns to a 128-key tile (block 64), half a block a warpgroup (128), two tiles to a block (256); two
+    or four key tiles to a block in dQ; head dims 128 and 64; batch 2, GQA, a dense head, fewer queries
+    than keys (end-aligned, odd), a last column cut short; split columns (atomics) and deterministic
+    (stores, and the lse gradient)."""
     monkeypatch.setattr(launch, "WS_DQ_FROM", 0)  # dQ's Gluon kernel runs past 32k keys by default
     taken = []
     real = launch._hopper_descriptors
