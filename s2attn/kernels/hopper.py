@@ -30,22 +30,37 @@ ROWS = gl.constexpr(64)  # key rows per compute warpgroup (one wgmma M)
 @gluon.jit
 def _opens(kb, q_tile_lo, BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, OPEN_ALIGN: gl.constexpr,
            CAUSAL: gl.constexpr):
-    """First query tile of long column ``kb``'s full tiles (see ``attention._long_open``)."""
+    """First query tile of long column ``kb``'s full tiles (see ``attention._long_open``), shaped like ``kb``."""
     if CAUSAL:
         return gl.maximum(_long_open(kb, BLOCK, OPEN_ALIGN) // BLOCK_M, q_tile_lo)
     else:
-        return q_tile_lo
+        return kb * 0 + q_tile_lo
+
+
+@gluon.jit
+def _column_block(c, first, stride, dense):
+    """Key block of long column ``c``: columns sit ``stride`` blocks apart from block ``first`` (a dense
+    head's are all its blocks)."""
+    return gl.where(dense, c, first + c * stride)
 
 
 @gluon.jit
 def _loader(q_desc, do_desc, k_desc, v_desc, q_bufs, do_bufs, k_bufs, v_bufs, ready, empty, kv_ready,
-            b, h, kvh, row0, row1, lo, hi, q_off, BLOCK_M: gl.constexpr):
+            b, h, kvh, c0, c1, in0, in1, first, stride, dense, lo, hi, q_off, BLOCK: gl.constexpr,
+            BLOCK_M: gl.constexpr):
+    """Each warpgroup's 64 key rows (one TMA tile per column they span) once, then Q and dO tile after tile
+    through the ring."""
     stages: gl.constexpr = q_bufs.type.shape[0]
-    mbarrier.expect(kv_ready, 2 * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
-    tma.async_copy_global_to_shared(k_desc, [b, row0, kvh, 0], kv_ready, k_bufs.index(0))
-    tma.async_copy_global_to_shared(v_desc, [b, row0, kvh, 0], kv_ready, v_bufs.index(0))
-    tma.async_copy_global_to_shared(k_desc, [b, row1, kvh, 0], kv_ready, k_bufs.index(1))
-    tma.async_copy_global_to_shared(v_desc, [b, row1, kvh, 0], kv_ready, v_bufs.index(1))
+    RPC: gl.constexpr = k_desc.block_type.shape[1]  # rows a column gives a warpgroup
+    CW: gl.constexpr = ROWS // RPC  # columns a warpgroup spans
+    mbarrier.expect(kv_ready, 2 * CW * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
+    for j in gl.static_range(CW):  # rows of a column past the sequence's end read as zeros
+        row = _column_block(c0 + j, first, stride, dense) * BLOCK + in0
+        tma.async_copy_global_to_shared(k_desc, [b, row, kvh, 0], kv_ready, k_bufs.index(0).slice(j * RPC, RPC, 1))
+        tma.async_copy_global_to_shared(v_desc, [b, row, kvh, 0], kv_ready, v_bufs.index(0).slice(j * RPC, RPC, 1))
+        row = _column_block(c1 + j, first, stride, dense) * BLOCK + in1
+        tma.async_copy_global_to_shared(k_desc, [b, row, kvh, 0], kv_ready, k_bufs.index(1).slice(j * RPC, RPC, 1))
+        tma.async_copy_global_to_shared(v_desc, [b, row, kvh, 0], kv_ready, v_bufs.index(1).slice(j * RPC, RPC, 1))
     for i in range(hi - lo):
         s = i % stages
         mbarrier.wait(empty.index(s), (i // stages & 1) ^ 1)  # a fresh barrier's phase "1" is complete
@@ -58,25 +73,34 @@ def _loader(q_desc, do_desc, k_desc, v_desc, q_bufs, do_bufs, k_bufs, v_bufs, re
 
 @gluon.jit
 def _compute(q_bufs, do_bufs, k_bufs, v_bufs, ready, empty, kv_ready, PART_K, PART_V, lse_ptr, delta_ptr,
-             part_row, key0, len_k, len_q, q_off, lo, hi, open_lo, qk_scale,
-             WG: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, ATOMIC: gl.constexpr):
-    """Compute warpgroup ``WG``: dK and dV of its 64 key rows (from ``key0``) over query tiles
-    ``open_lo..hi-1`` of ``lo..hi-1``, added (or stored) at row ``part_row`` of the partial sums."""
+             c_first, in_first, first, stride, dense, part_base, n_heads, h, len_k, len_q, q_off, q_tile_lo, lo, hi,
+             qk_scale, WG: gl.constexpr, BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+             CAUSAL: gl.constexpr, ATOMIC: gl.constexpr, OPEN_ALIGN: gl.constexpr):
+    """Compute warpgroup ``WG``: dK and dV of its 64 key rows (rows from ``in_first`` of column ``c_first``,
+    or whole columns from ``c_first`` for blocks under 64) over query tiles ``lo..hi-1``, each row from the
+    tile its column opens at; added (or stored) into the partial sums of sequence row ``part_base``."""
     stages: gl.constexpr = q_bufs.type.shape[0]
     dtype: gl.constexpr = q_bufs.dtype
+    RPC: gl.constexpr = ROWS if BLOCK > ROWS else BLOCK  # rows of one column here
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_M, 16])
     d_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, HEAD_DIM, 16])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=d_layout, k_width=2)
-    col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+    # where each key row's column opens (causal): rows of later columns are masked in the tiles between
+    offs_k = gl.arange(0, ROWS, gl.SliceLayout(1, s_layout))
+    row_open = _opens(_column_block(c_first + offs_k // RPC, first, stride, dense), q_tile_lo, BLOCK, BLOCK_M,
+                      OPEN_ALIGN, CAUSAL)
+    n = hi - lo
+    kb = _column_block(c_first, first, stride, dense)
+    opens = _opens(kb, q_tile_lo, BLOCK, BLOCK_M, OPEN_ALIGN, CAUSAL)
+    n_skip = gl.where(kb * BLOCK + in_first < len_k, gl.minimum(gl.maximum(opens - lo, 0), n), n)  # else no rows
+    n_masked = gl.minimum(gl.maximum(gl.max(row_open, 0) - lo, n_skip), n)
     zeros_s = gl.zeros([ROWS, BLOCK_M], gl.float32, s_layout)
     k = k_bufs.index(WG).reshape([ROWS, HEAD_DIM])
     v = v_bufs.index(WG).reshape([ROWS, HEAD_DIM])
-    offs_m = gl.arange(0, BLOCK_M, col_layout)
-    n = hi - lo
-    n_skip = gl.minimum(gl.maximum(open_lo - lo, 0), n)
-    for i in range(n_skip):  # tiles before this warpgroup's column opens: pass the stage on
+    offs_m = gl.arange(0, BLOCK_M, gl.SliceLayout(0, s_layout))
+    for i in range(n_skip):  # tiles before this warpgroup's first column opens: pass the stage on
         mbarrier.wait(ready.index(i % stages), i // stages & 1)
         mbarrier.arrive(empty.index(i % stages), count=1)
     mbarrier.wait(kv_ready, 0)
@@ -96,6 +120,8 @@ def _compute(q_bufs, do_bufs, k_bufs, v_bufs, ready, empty, kv_ready, PART_K, PA
         dpt = warpgroup_mma(v, do.permute((1, 0)), zeros_s, use_acc=False, is_async=True)
         st = warpgroup_mma_wait(num_outstanding=1, deps=(st,))
         pt = gl.exp2(st * qk_scale - lse2[None, :])
+        if i < n_masked:
+            pt = gl.where((row_open <= lo + i)[:, None], pt, 0.0)
         # dV's product runs while dS is computed (H100: long pass 128k 34.2-34.8 ms against 35.2, 32k 2.09-2.11
         # against 2.12-2.16)
         dv = warpgroup_mma(gl.convert_layout(pt.to(dtype), a_layout), do, dv, is_async=True)
@@ -108,8 +134,11 @@ def _compute(q_bufs, do_bufs, k_bufs, v_bufs, ready, empty, kv_ready, PART_K, PA
         mbarrier.arrive(empty.index(s), count=1)
     offs_r = gl.arange(0, ROWS, gl.SliceLayout(1, d_layout))
     offs_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, d_layout))
-    ok = ((key0 + offs_r) < len_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    ptrs = (part_row + offs_r).to(gl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
+    col = c_first + offs_r // RPC
+    in_blk = in_first + offs_r % RPC
+    ok = (_column_block(col, first, stride, dense) * BLOCK + in_blk < len_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    rows = ((part_base + col).to(gl.int64) * n_heads + h) * BLOCK + in_blk
+    ptrs = rows[:, None] * HEAD_DIM + offs_d[None, :]
     if ATOMIC:
         if n_skip < n:
             gl.atomic_add(PART_K + ptrs, dk, mask=ok, sem="relaxed")
@@ -129,8 +158,8 @@ def _attn_bwd_dkdv_long_ws(
     CAUSAL: gl.constexpr, ATOMIC: gl.constexpr, OPEN_ALIGN: gl.constexpr, STAGES: gl.constexpr,
 ):
     """Program ``slot rank x heads + head``: the ``split``-th chunk of query tiles of one 128-key tile
-    (``COLS`` columns of ``BLOCK >= 64`` keys, or half a 128-key block) of one head, as in the Triton
-    long pass; batch ``program_id(2)``."""
+    (``COLS`` columns side by side, or a part of one column of 128 keys or more) of one head, as in the
+    Triton long pass; batch ``program_id(2)``."""
     h = gl.program_id(0) % n_heads
     slot = gl.load(ORDER + gl.program_id(0) // n_heads)
     tile = slot // n_splits
@@ -138,34 +167,27 @@ def _attn_bwd_dkdv_long_ws(
     b = gl.program_id(2)
     len_q = seqlen_q
     len_k = seqlen_k
-    TILE_ROWS: gl.constexpr = 2 * ROWS
-    COL_ROWS: gl.constexpr = TILE_ROWS // COLS  # rows of one column in the tile
-    NSUB: gl.constexpr = BLOCK // COL_ROWS
+    COL_ROWS: gl.constexpr = 2 * ROWS // COLS  # rows of one column in the 128-key tile
+    NSUB: gl.constexpr = BLOCK // COL_ROWS  # tiles to a column
     group = tile // NSUB
     shift, dense = _head_rule(h, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous)
     first = _first_congruent(0, stride, shift)
-    # the two warpgroups' columns and first rows
+    # each warpgroup's first column and row in it
     c0 = group * COLS
     c1 = group * COLS + ROWS // COL_ROWS
-    kb0 = gl.where(dense, c0, first + c0 * stride)
-    kb1 = gl.where(dense, c1, first + c1 * stride)
     in0 = (tile % NSUB) * COL_ROWS
     in1 = (tile % NSUB) * COL_ROWS + ROWS % COL_ROWS
+    kb0 = _column_block(c0, first, stride, dense)
     if kb0 * BLOCK < len_k:
         q_off = len_k - len_q
         q_tile_lo = q_off // BLOCK_M
-        q_tile_hi = (len_k - 1) // BLOCK_M
-        open0 = _opens(kb0, q_tile_lo, BLOCK, BLOCK_M, OPEN_ALIGN, CAUSAL)
-        open1 = _opens(kb1, q_tile_lo, BLOCK, BLOCK_M, OPEN_ALIGN, CAUSAL)
-        lo = gl.minimum(open0, open1) + split * chunk
-        hi = gl.minimum(lo + chunk, q_tile_hi + 1)
-        if kb1 * BLOCK >= len_k:
-            open1 = hi  # no second column: its warpgroup only keeps the ring turning
-        kvh = h // heads_per_kv
+        lo = _opens(kb0, q_tile_lo, BLOCK, BLOCK_M, OPEN_ALIGN, CAUSAL) + split * chunk
+        hi = gl.minimum(lo + chunk, (len_k - 1) // BLOCK_M + 1)
         q_bufs = gl.allocate_shared_memory(q_desc.dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
         do_bufs = gl.allocate_shared_memory(do_desc.dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
-        k_bufs = gl.allocate_shared_memory(k_desc.dtype, [2] + k_desc.block_type.shape, k_desc.layout)
-        v_bufs = gl.allocate_shared_memory(v_desc.dtype, [2] + v_desc.block_type.shape, v_desc.layout)
+        kv_shape: gl.constexpr = [2, 1, ROWS, 1, HEAD_DIM]  # a warpgroup's rows, whatever the columns they span
+        k_bufs = gl.allocate_shared_memory(k_desc.dtype, kv_shape, k_desc.layout)
+        v_bufs = gl.allocate_shared_memory(v_desc.dtype, kv_shape, v_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -176,19 +198,17 @@ def _attn_bwd_dkdv_long_ws(
         lse_ptr = LSE + b * stride_lb + h * stride_lh
         delta_ptr = DELTA + b * stride_lb + h * stride_lh
         base = b * part_cols
-        part0 = ((base + c0).to(gl.int64) * n_heads + h) * BLOCK + in0
-        part1 = ((base + c1).to(gl.int64) * n_heads + h) * BLOCK + in1
-        key0 = kb0 * BLOCK + in0
-        key1 = kb1 * BLOCK + in1
         gl.warp_specialize([
             (_compute, (q_bufs, do_bufs, k_bufs, v_bufs, ready, empty, kv_ready, PART_K, PART_V, lse_ptr, delta_ptr,
-                        part0, key0, len_k, len_q, q_off, lo, hi, open0, qk_scale, 0, BLOCK_M, HEAD_DIM, ATOMIC)),
+                        c0, in0, first, stride, dense, base, n_heads, h, len_k, len_q, q_off, q_tile_lo, lo, hi,
+                        qk_scale, 0, BLOCK, BLOCK_M, HEAD_DIM, CAUSAL, ATOMIC, OPEN_ALIGN)),
             (_compute, (q_bufs, do_bufs, k_bufs, v_bufs, ready, empty, kv_ready, PART_K, PART_V, lse_ptr, delta_ptr,
-                        part1, key1, len_k, len_q, q_off, lo, hi, open1, qk_scale, 1, BLOCK_M, HEAD_DIM, ATOMIC)),
+                        c1, in1, first, stride, dense, base, n_heads, h, len_k, len_q, q_off, q_tile_lo, lo, hi,
+                        qk_scale, 1, BLOCK, BLOCK_M, HEAD_DIM, CAUSAL, ATOMIC, OPEN_ALIGN)),
             (_loader, (q_desc, do_desc, k_desc, v_desc, q_bufs, do_bufs, k_bufs, v_bufs, ready, empty, kv_ready,
-                       b, h, kvh, key0, key1, lo, hi, q_off, BLOCK_M)),
+                       b, h, h // heads_per_kv, c0, c1, in0, in1, first, stride, dense, lo, hi, q_off, BLOCK,
+                       BLOCK_M)),
         ], [4, 1], [240, 24])
-
 
 
 # --------------------------------------------------------------------------- dQ, query-major

@@ -195,16 +195,16 @@ def _is_hopper(device: torch.device) -> bool:
 
 
 def _hopper_descriptors(q, k, v, do, lse, block: int, varlen: bool):
-    """TMA descriptors ``(q, do, k, v)`` in tiles of 64 rows for the warp-specialised kernels, or None where the
-    Triton ones run instead: no Gluon, not an sm_90 GPU, packed sequences (a TMA tile would read the neighbour's
-    rows), fp32, pattern blocks under 64 keys (a warpgroup's 64 rows would span blocks), head dims other than 64
-    and 128, or tensors TMA cannot address (alignment)."""
-    if not (GluonDescriptor is not None and not varlen and block >= 64 and q.element_size() == 2
-            and q.shape[-1] in (64, 128) and lse.stride(-1) == 1 and _is_hopper(q.device)):
+    """TMA descriptors ``(q, do, k, v)`` for the warp-specialised kernels (64 rows a tile; k and v in tiles of a
+    block under 64), or None where the Triton ones run instead: no Gluon, not an sm_90 GPU, packed sequences
+    (a TMA tile would read the neighbour's rows), fp32, head dims other than 64 and 128, or tensors TMA cannot
+    address (alignment)."""
+    if not (GluonDescriptor is not None and not varlen and q.element_size() == 2 and q.shape[-1] in (64, 128)
+            and lse.stride(-1) == 1 and _is_hopper(q.device)):
         return None
     descs = []
-    for x in (q, do, k, v):
-        d = _row_tiles(x, 64, x.shape[-1])
+    for x, rows in ((q, 64), (do, 64), (k, min(block, 64)), (v, min(block, 64))):
+        d = _row_tiles(x, rows, x.shape[-1])
         if d is None:
             return None
         layout = gl.NVMMASharedLayout.get_default_for(d.block_shape, gl.bfloat16 if x.dtype == torch.bfloat16
@@ -276,7 +276,7 @@ def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, row
     hopper = None if use_table else _hopper_descriptors(q, k, v, do, lse, block, varlen)
     dq = _new_like(q)
     dlse = lse if dlse is None else dlse.contiguous()
-    if hopper and WARP_SPECIALISED["dq"] and max_k > WS_DQ_FROM:
+    if hopper and WARP_SPECIALISED["dq"] and max_k > WS_DQ_FROM and block >= 64:
         _attn_bwd_dq_ws[(triton.cdiv(max_q, 128) + 1, heads, batch)](
             *hopper, out, do, dq, lse, dlse, delta, *_strides(out, varlen), *_strides(do, varlen),
             *_strides(dq, varlen), *lse_strides[:2], max_q, max_k, heads // kv_heads, scale * LOG2E, scale, *rule[:8],

@@ -296,14 +296,16 @@ WARP_SPECIALISED = (torch.cuda.is_available() and torch.cuda.get_device_capabili
 
 
 @pytest.mark.skipif(not WARP_SPECIALISED, reason="the warp-specialised kernels need Gluon and an sm_90 GPU")
-@pytest.mark.parametrize("block, dim, dtype", [(64, 128, torch.bfloat16), (128, 64, torch.float16),
+@pytest.mark.parametrize("block, dim, dtype", [(16, 128, torch.bfloat16), (32, 64, torch.float16),
+                                               (64, 128, torch.bfloat16), (128, 64, torch.float16),
                                                (128, 128, torch.bfloat16), (256, 128, torch.bfloat16)])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_warp_specialised_kernels(monkeypatch, block, dim, dtype, causal, deterministic):
-    """The Gluon dQ and long pass (Hopper) against the reference and against the Triton kernels: two long
-    columns to a 128-key tile (block 64), half a block a warpgroup (128), two tiles to a block (256); two
-    or four key tiles to a block in dQ; head dims 128 and 64; batch 2, GQA, a dense head, fewer queries
+    """The Gluon dQ and long pass (Hopper) against the reference and against the Triton kernels: four or
+    two columns to a warpgroup, opening one after another (blocks 16, 32), two long columns to a 128-key
+    tile (64), half a block a warpgroup (128), two tiles to a block (256); two or four key tiles to a block
+    in dQ (which takes blocks of 64 and more); head dims 128 and 64; batch 2, GQA, a dense head, fewer queries
     than keys (end-aligned, odd), a last column cut short; split columns (atomics) and deterministic
     (stores, and the lse gradient)."""
     monkeypatch.setattr(launch, "WS_DQ_FROM", 0)  # dQ's Gluon kernel runs past 32k keys by default
