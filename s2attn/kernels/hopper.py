@@ -38,6 +38,34 @@ def _opens(kb, q_tile_lo, BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, OPEN_ALIGN
 
 
 @gluon.jit
+def _barriers(STAGES: gl.constexpr):
+    """A ring's mbarriers, ``ready`` (a stage's TMA bytes landed) and ``empty`` (both compute warpgroups are
+    done with it) per stage, and one for the tiles loaded once."""
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    once = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=2)
+    mbarrier.init(once, count=1)
+    return ready, empty, once
+
+
+@gluon.jit
+def _stage_products(a0, a1, bufs0, bufs1, ready, s, phase, zeros):
+    """Once stage ``s`` of the ring has landed: ``a0 @ tile0^T`` (the scores), done, and ``a1 @ tile1^T``
+    (dP), still in flight; and the stage's two tiles."""
+    mbarrier.wait(ready.index(s), phase)
+    ROWS_T: gl.constexpr = bufs0.type.shape[2]
+    DIM: gl.constexpr = bufs0.type.shape[4]
+    t0 = bufs0.index(s).reshape([ROWS_T, DIM])
+    t1 = bufs1.index(s).reshape([ROWS_T, DIM])
+    s0 = warpgroup_mma(a0, t0.permute((1, 0)), zeros, use_acc=False, is_async=True)
+    s1 = warpgroup_mma(a1, t1.permute((1, 0)), zeros, use_acc=False, is_async=True)
+    return warpgroup_mma_wait(num_outstanding=1, deps=(s0,)), s1, t0, t1
+
+
+@gluon.jit
 def _column_block(c, first, stride, dense):
     """Key block of long column ``c``: columns sit ``stride`` blocks apart from block ``first`` (a dense
     head's are all its blocks)."""
@@ -113,12 +141,7 @@ def _compute(q_bufs, do_bufs, k_bufs, v_bufs, ready, empty, kv_ready, PART_K, PA
         lse = gl.load(lse_ptr + q_row, mask=row_ok, other=float("inf"))
         lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         delta = gl.load(delta_ptr + q_row, mask=row_ok, other=0.0)
-        mbarrier.wait(ready.index(s), i // stages & 1)
-        q = q_bufs.index(s).reshape([BLOCK_M, HEAD_DIM])
-        do = do_bufs.index(s).reshape([BLOCK_M, HEAD_DIM])
-        st = warpgroup_mma(k, q.permute((1, 0)), zeros_s, use_acc=False, is_async=True)
-        dpt = warpgroup_mma(v, do.permute((1, 0)), zeros_s, use_acc=False, is_async=True)
-        st = warpgroup_mma_wait(num_outstanding=1, deps=(st,))
+        st, dpt, q, do = _stage_products(k, v, q_bufs, do_bufs, ready, s, i // stages & 1, zeros_s)
         pt = gl.exp2(st * qk_scale - lse2[None, :])
         if i < n_masked:
             pt = gl.where((row_open <= lo + i)[:, None], pt, 0.0)
@@ -188,13 +211,7 @@ def _attn_bwd_dkdv_long_ws(
         kv_shape: gl.constexpr = [2, 1, ROWS, 1, HEAD_DIM]  # a warpgroup's rows, whatever the columns they span
         k_bufs = gl.allocate_shared_memory(k_desc.dtype, kv_shape, k_desc.layout)
         v_bufs = gl.allocate_shared_memory(v_desc.dtype, kv_shape, v_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        for s in gl.static_range(STAGES):
-            mbarrier.init(ready.index(s), count=1)
-            mbarrier.init(empty.index(s), count=2)
-        mbarrier.init(kv_ready, count=1)
+        ready, empty, kv_ready = _barriers(STAGES)
         lse_ptr = LSE + b * stride_lb + h * stride_lh
         delta_ptr = DELTA + b * stride_lb + h * stride_lh
         base = b * part_cols
@@ -294,12 +311,7 @@ def _dq_compute(q_bufs, do_bufs, k_bufs, v_bufs, qdo_ready, ready, empty, O, DO,
     for j in range(steps):
         s = j % stages
         kb, masked = _nth_block(j // NSUB, a0, a_step, an, b_lo, bn, c_lo, cn, d_lo, dn, e0, stride)
-        mbarrier.wait(ready.index(s), j // stages & 1)
-        k = k_bufs.index(s).reshape([KEYS, HEAD_DIM])
-        v = v_bufs.index(s).reshape([KEYS, HEAD_DIM])
-        st = warpgroup_mma(q, k.permute((1, 0)), zeros_s, use_acc=False, is_async=True)
-        dpt = warpgroup_mma(do, v.permute((1, 0)), zeros_s, use_acc=False, is_async=True)
-        st = warpgroup_mma_wait(num_outstanding=1, deps=(st,))
+        st, dpt, k, v = _stage_products(q, do, k_bufs, v_bufs, ready, s, j // stages & 1, zeros_s)
         p = gl.exp2(st * qk_scale - lse2[:, None])
         if masked:
             k_pos = kb * BLOCK + (j % NSUB) * KEYS + offs_n
@@ -350,13 +362,7 @@ def _attn_bwd_dq_ws(
         do_bufs = gl.allocate_shared_memory(do_desc.dtype, [2] + do_desc.block_type.shape, do_desc.layout)
         k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
         v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        qdo_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        for s in gl.static_range(STAGES):
-            mbarrier.init(ready.index(s), count=1)
-            mbarrier.init(empty.index(s), count=2)
-        mbarrier.init(qdo_ready, count=1)
+        ready, empty, qdo_ready = _barriers(STAGES)
         o_ptr = O + b * stride_ob + h * stride_oh
         do_ptr = DO + b * stride_dob + h * stride_doh
         dq_ptr = DQ + b * stride_dqb + h * stride_dqh
