@@ -12,10 +12,11 @@ in lockstep at CTA barriers:
   while one computes ``exp2`` and dS, the other's products keep the tensor cores busy. Each releases a
   stage by arriving on its ``empty`` barrier (count 2).
 
-In the long pass a warpgroup skips the query tiles before its own column opens (causal), so no tile is
-masked except for rows past the sequence's end. The Triton kernels stay the reference, and the path
-everywhere else: other GPUs, the CPU interpreter, packed sequences, mask tables, pattern blocks under 64,
-head dims other than 64 and 128, fp32 (see ``launch._hopper_descriptors``).
+In the long pass a warpgroup skips the query tiles before its first column opens (causal); with pattern
+blocks under 64 its rows span several columns, and a row is masked until its own column opens. The Triton
+kernels stay the reference, and the path everywhere else: other GPUs, the CPU interpreter, packed
+sequences, mask tables, head dims other than 64 and 128, fp32 (see ``launch._hopper_descriptors``); and
+for dQ, pattern blocks under 64 and up to 32k keys, where Triton's tiles are faster.
 """
 
 from triton.experimental import gluon
@@ -24,7 +25,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 
 from .attention import _first_congruent, _head_rule, _load_lse2, _long_open, _row_segments, _rows_allowed, _tile_ok
 
-ROWS = gl.constexpr(64)  # key rows per compute warpgroup (one wgmma M)
+ROWS = gl.constexpr(64)  # rows a compute warpgroup owns (one wgmma M)
 
 
 @gluon.jit
@@ -138,8 +139,7 @@ def _compute(q_bufs, do_bufs, k_bufs, v_bufs, ready, empty, kv_ready, PART_K, PA
         s = i % stages
         q_row = (lo + i) * BLOCK_M + offs_m - q_off
         row_ok = (q_row >= 0) & (q_row < len_q)
-        lse = gl.load(lse_ptr + q_row, mask=row_ok, other=float("inf"))
-        lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        lse2 = _load_lse2(lse_ptr + q_row, row_ok)
         delta = gl.load(delta_ptr + q_row, mask=row_ok, other=0.0)
         st, dpt, q, do = _stage_products(k, v, q_bufs, do_bufs, ready, s, i // stages & 1, zeros_s)
         pt = gl.exp2(st * qk_scale - lse2[None, :])
