@@ -295,6 +295,28 @@ WARP_SPECIALISED = (torch.cuda.is_available() and torch.cuda.get_device_capabili
                     and launch.GluonDescriptor is not None)
 
 
+@pytest.mark.skipif(launch.GluonDescriptor is None, reason="needs Gluon (Triton >= 3.5)")
+def test_warp_specialised_only_where_they_apply(monkeypatch):
+    """The Gluon kernels' dispatch (whatever the device, as if it were an H100): 16-bit tensors TMA can
+    address, head dims 64 and 128, any pattern block (K and V in tiles of the block under 64); not fp32,
+    other head dims, packed sequences, views off 16-byte alignment, or a GPU without ``wgmma``."""
+    monkeypatch.setattr(launch, "_is_hopper", lambda device: True)
+
+    def descs(dtype=torch.bfloat16, dim=128, block=64, varlen=False, offset=0):
+        qkv = torch.zeros(1, 256, 3, dim + offset, dtype=dtype)[..., offset:]
+        q, k, v = qkv.unbind(2)
+        lse = torch.zeros(1, 1, 256)
+        return launch._hopper_descriptors(*(x.unsqueeze(2) for x in (q, k, v, q)), lse, block, varlen)
+
+    tiles = descs(block=16)
+    assert tiles is not None and [d.block_shape[1] for d in tiles] == [64, 64, 16, 16]
+    assert descs(torch.float16, dim=64, block=256) is not None
+    for case in (dict(dtype=torch.float32), dict(dim=96), dict(dim=256), dict(varlen=True), dict(offset=4)):
+        assert descs(**case) is None, case
+    monkeypatch.setattr(launch, "_is_hopper", lambda device: False)
+    assert descs() is None
+
+
 @pytest.mark.skipif(not WARP_SPECIALISED, reason="the warp-specialised kernels need Gluon and an sm_90 GPU")
 @pytest.mark.parametrize("block, dim, dtype", [(16, 128, torch.bfloat16), (32, 64, torch.float16),
                                                (64, 128, torch.bfloat16), (128, 64, torch.float16),
@@ -317,6 +339,9 @@ def test_warp_specialised_kernels(monkeypatch, block, dim, dtype, causal, determ
     q, k, v = make_qkv(2, 2900 - block // 2 - 3, 2900, 4, 2, dim, dtype)
     ws = check(q, k, v, pattern, deterministic=deterministic, with_lse=deterministic)
     assert taken and all(d is not None for d in taken), "the warp-specialised kernels did not run"
+    if deterministic:  # stores, no atomics: bit-identical run to run
+        for a, b in zip(ws, check(q, k, v, pattern, deterministic=True, with_lse=True)):
+            assert torch.equal(a, b)
     monkeypatch.setattr(launch, "WARP_SPECIALISED", {"dq": False, "dkdv_long": False})
     triton_grads = check(q, k, v, pattern, deterministic=deterministic, with_lse=deterministic)
     for a, b in zip(ws, triton_grads):
