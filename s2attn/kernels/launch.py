@@ -23,12 +23,14 @@ except ImportError:  # Triton < 3.3: plain loads everywhere
 
 from .attention import LOG2E, _attn_bwd_dkdv, _attn_bwd_dkdv_long, _attn_bwd_dq, _attn_fwd
 
-try:  # Gluon (Triton >= 3.5): the warp-specialised long pass for Hopper
+try:  # the warp-specialised kernels for Hopper, in Gluon as of Triton 3.6 (its API moves between releases)
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) != (3, 6):
+        raise ImportError("the Gluon kernels are written for, and tested with, Triton 3.6")
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
 
     from .hopper import _attn_bwd_dkdv_long_ws, _attn_bwd_dq_ws
-except ImportError:
+except ImportError:  # the Triton kernels everywhere
     GluonDescriptor = None
 
 POISON_OUTPUTS = False  # tests set this: outputs start as NaN so an unwritten element fails
@@ -196,9 +198,9 @@ def _is_hopper(device: torch.device) -> bool:
 
 def _hopper_descriptors(q, k, v, do, lse, block: int, varlen: bool):
     """TMA descriptors ``(q, do, k, v)`` for the warp-specialised kernels (64 rows a tile; k and v in tiles of a
-    block under 64), or None where the Triton ones run instead: no Gluon, not an sm_90 GPU, packed sequences
-    (a TMA tile would read the neighbour's rows), fp32, head dims other than 64 and 128, or tensors TMA cannot
-    address (alignment)."""
+    block under 64), or None where the Triton ones run instead: no Gluon of Triton 3.6, not an sm_90 GPU,
+    packed sequences (a TMA tile would read the neighbour's rows), fp32, head dims other than 64 and 128, or
+    tensors TMA cannot address (alignment)."""
     if not (GluonDescriptor is not None and not varlen and q.element_size() == 2 and q.shape[-1] in (64, 128)
             and lse.stride(-1) == 1 and _is_hopper(q.device)):
         return None
