@@ -182,8 +182,8 @@ def _long_order(n_tiles: int, n_sub: int, splits: int, chunk: int, col_blocks: i
 
 
 # the warp-specialised kernels (Gluon, Hopper): tiles of 64 rows a warpgroup (two compute warpgroups and a loader
-# warp, 12 warps in 64K registers: 240 a compute thread, 24 a loader); the long pass in 2 stages (H100, 128k: 3
-# stages 42-44 ms against 34-35)
+# warp, 12 warps in 64K registers: 240 a compute thread, 24 a loader); 2 stages (H100, 128k: 3 stages no faster,
+# long pass 34.2-35.9 ms against 34.2-35.4, dQ 22.4-22.6 against 22.4-22.5)
 WS_TILES = Tiles(64, 128, 12, 2)
 WS_DQ_STAGES = 2
 WS_DQ_FROM = 32768
