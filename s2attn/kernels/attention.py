@@ -473,6 +473,24 @@ def _long_open(kb, BLOCK: tl.constexpr, OPEN_ALIGN: tl.constexpr):
 
 
 @triton.jit
+def _long_open_tile(kb, q_tile_lo, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, OPEN_ALIGN: tl.constexpr,
+                    CAUSAL: tl.constexpr):
+    """The long pass's first query tile (of ``BLOCK_M``) for long column ``kb``, shaped like ``kb``: where
+    its full tiles start (causal), else the sequence's first tile."""
+    if CAUSAL:
+        return tl.maximum(_long_open(kb, BLOCK, OPEN_ALIGN) // BLOCK_M, q_tile_lo)
+    else:
+        return kb * 0 + q_tile_lo
+
+
+@triton.jit
+def _column_block(c, first, stride, dense):
+    """Key block of long column ``c``: columns sit ``stride`` blocks apart from block ``first`` (a dense
+    head's are all its blocks)."""
+    return tl.where(dense, c, first + c * stride)
+
+
+@triton.jit
 def _col_tiles(kb, q_tile_lo, q_tile_hi, local, stride, shift, dense,
                BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, OPEN_ALIGN: tl.constexpr):
     """The dK/dV kernel's query tiles ``lo..hi`` (clipped) for key block ``kb``, and whether ``kb`` is a
@@ -537,21 +555,18 @@ def _attn_bwd_dkdv_long(
     group = tile // NSUB
     shift, dense = _head_rule(h, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous)
     first = _first_congruent(0, stride, shift)
-    if tl.where(dense, group * COLS, first + group * COLS * stride) * BLOCK >= len_k:
+    if _column_block(group * COLS, first, stride, dense) * BLOCK >= len_k:
         return
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     c = group * COLS + offs_n // ROWS
-    kb = tl.where(dense, c, first + c * stride)
+    kb = _column_block(c, first, stride, dense)
     in_blk = (tile % NSUB) * ROWS + offs_n % ROWS
     k_pos = kb * BLOCK + in_blk
     q_off = len_k - len_q
     q_tile_lo = q_off // BLOCK_M
     q_tile_hi = (len_k - 1) // BLOCK_M
-    if CAUSAL:
-        open_lo = tl.maximum(_long_open(kb, BLOCK, OPEN_ALIGN) // BLOCK_M, q_tile_lo)
-    else:
-        open_lo = kb * 0 + q_tile_lo
+    open_lo = _long_open_tile(kb, q_tile_lo, BLOCK, BLOCK_M, OPEN_ALIGN, CAUSAL)
     lo = tl.min(open_lo, 0) + split * chunk
     hi = tl.minimum(lo + chunk, q_tile_hi + 1)
     all_open = tl.max(open_lo, 0)

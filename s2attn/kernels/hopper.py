@@ -23,19 +23,10 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-from .attention import _first_congruent, _head_rule, _load_lse2, _long_open, _row_segments, _rows_allowed, _tile_ok
+from .attention import (_column_block, _first_congruent, _head_rule, _load_lse2, _long_open_tile, _row_segments,
+                        _rows_allowed, _tile_ok)
 
 ROWS = gl.constexpr(64)  # rows a compute warpgroup owns (one wgmma M)
-
-
-@gluon.jit
-def _opens(kb, q_tile_lo, BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, OPEN_ALIGN: gl.constexpr,
-           CAUSAL: gl.constexpr):
-    """First query tile of long column ``kb``'s full tiles (see ``attention._long_open``), shaped like ``kb``."""
-    if CAUSAL:
-        return gl.maximum(_long_open(kb, BLOCK, OPEN_ALIGN) // BLOCK_M, q_tile_lo)
-    else:
-        return kb * 0 + q_tile_lo
 
 
 @gluon.jit
@@ -64,13 +55,6 @@ def _stage_products(a0, a1, bufs0, bufs1, ready, s, phase, zeros):
     s0 = warpgroup_mma(a0, t0.permute((1, 0)), zeros, use_acc=False, is_async=True)
     s1 = warpgroup_mma(a1, t1.permute((1, 0)), zeros, use_acc=False, is_async=True)
     return warpgroup_mma_wait(num_outstanding=1, deps=(s0,)), s1, t0, t1
-
-
-@gluon.jit
-def _column_block(c, first, stride, dense):
-    """Key block of long column ``c``: columns sit ``stride`` blocks apart from block ``first`` (a dense
-    head's are all its blocks)."""
-    return gl.where(dense, c, first + c * stride)
 
 
 @gluon.jit
@@ -118,11 +102,11 @@ def _compute(q_bufs, do_bufs, k_bufs, v_bufs, ready, empty, kv_ready, PART_K, PA
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=d_layout, k_width=2)
     # where each key row's column opens (causal): rows of later columns are masked in the tiles between
     offs_k = gl.arange(0, ROWS, gl.SliceLayout(1, s_layout))
-    row_open = _opens(_column_block(c_first + offs_k // RPC, first, stride, dense), q_tile_lo, BLOCK, BLOCK_M,
-                      OPEN_ALIGN, CAUSAL)
+    row_open = _long_open_tile(_column_block(c_first + offs_k // RPC, first, stride, dense), q_tile_lo, BLOCK,
+                               BLOCK_M, OPEN_ALIGN, CAUSAL)
     n = hi - lo
     kb = _column_block(c_first, first, stride, dense)
-    opens = _opens(kb, q_tile_lo, BLOCK, BLOCK_M, OPEN_ALIGN, CAUSAL)
+    opens = _long_open_tile(kb, q_tile_lo, BLOCK, BLOCK_M, OPEN_ALIGN, CAUSAL)
     n_skip = gl.where(kb * BLOCK + in_first < len_k, gl.minimum(gl.maximum(opens - lo, 0), n), n)  # else no rows
     n_masked = gl.minimum(gl.maximum(gl.max(row_open, 0) - lo, n_skip), n)
     zeros_s = gl.zeros([ROWS, BLOCK_M], gl.float32, s_layout)
@@ -204,7 +188,7 @@ def _attn_bwd_dkdv_long_ws(
     if kb0 * BLOCK < len_k:
         q_off = len_k - len_q
         q_tile_lo = q_off // BLOCK_M
-        lo = _opens(kb0, q_tile_lo, BLOCK, BLOCK_M, OPEN_ALIGN, CAUSAL) + split * chunk
+        lo = _long_open_tile(kb0, q_tile_lo, BLOCK, BLOCK_M, OPEN_ALIGN, CAUSAL) + split * chunk
         hi = gl.minimum(lo + chunk, (len_k - 1) // BLOCK_M + 1)
         q_bufs = gl.allocate_shared_memory(q_desc.dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
         do_bufs = gl.allocate_shared_memory(do_desc.dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
