@@ -132,19 +132,23 @@ def _has_tma(device: torch.device) -> bool:
     return TensorDescriptor is not None and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9)
 
 
-def _row_tiles(x: torch.Tensor, block_m: int, block_d: int):
-    """A TMA descriptor of ``x`` ``(batch, seq, heads, dim)`` in tiles of ``block_m`` rows of one head, or
-    None where TMA cannot read it: see :func:`_has_tma`, or base or strides not 16-byte aligned (a view
-    may not be)."""
-    if not _has_tma(x.device):
-        return None
+def _tma_strides(x: torch.Tensor):
+    """The strides a TMA descriptor of ``x`` takes, or None where TMA cannot address it: base or strides not
+    16-byte aligned (a view may not be)."""
     strides = list(x.stride())
     for i in range(x.dim() - 2, -1, -1):  # a size-1 dim's stride is arbitrary: give it one TMA accepts
         if x.shape[i] == 1:
             strides[i] = strides[i + 1] * x.shape[i + 1]
     if x.data_ptr() % 16 or any(s == 0 or s * x.element_size() % 16 for s in strides[:-1]):
         return None
-    return TensorDescriptor(x, list(x.shape), strides, [1, block_m, 1, block_d])
+    return strides
+
+
+def _row_tiles(x: torch.Tensor, block_m: int, block_d: int):
+    """A TMA descriptor of ``x`` ``(batch, seq, heads, dim)`` in tiles of ``block_m`` rows of one head, or
+    None where TMA cannot read it: see :func:`_has_tma` and :func:`_tma_strides`."""
+    strides = _tma_strides(x) if _has_tma(x.device) else None
+    return None if strides is None else TensorDescriptor(x, list(x.shape), strides, [1, block_m, 1, block_d])
 
 
 def _descriptors(kernel: str, a: torch.Tensor, b: torch.Tensor, t: Tiles, block_d: int, varlen: bool) -> tuple:
@@ -204,14 +208,15 @@ def _hopper_descriptors(q, k, v, do, lse, block: int, varlen: bool):
     if not (GluonDescriptor is not None and not varlen and q.element_size() == 2 and q.shape[-1] in (64, 128)
             and lse.stride(-1) == 1 and _is_hopper(q.device)):
         return None
+    dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     descs = []
     for x, rows in ((q, 64), (do, 64), (k, min(block, 64)), (v, min(block, 64))):
-        d = _row_tiles(x, rows, x.shape[-1])
-        if d is None:
+        strides = _tma_strides(x)
+        if strides is None:
             return None
-        layout = gl.NVMMASharedLayout.get_default_for(d.block_shape, gl.bfloat16 if x.dtype == torch.bfloat16
-                                                      else gl.float16)
-        descs.append(GluonDescriptor(x, d.shape, d.strides, d.block_shape, layout))
+        tile = [1, rows, 1, x.shape[-1]]
+        descs.append(GluonDescriptor(x, list(x.shape), strides, tile,
+                                     gl.NVMMASharedLayout.get_default_for(tile, dtype)))
     return descs
 
 
