@@ -63,7 +63,8 @@ def main():
                 ("ws dq stages3", {}, {"WS_DQ_STAGES": 3}),
                 ("ws dq everywhere", {}, {"WS_DQ_FROM": 0}), ("ws long stages3", {}, {"WS_TILES": T(64, 128, 12, 3)})]
     for off in ("fwd", "dq", "dkdv"):  # one kernel back on plain loads
-        variants.append((f"no TMA {off}", {}, {"USE_TMA": {**launch.USE_TMA, off: False}, **triton_dq}))
+        variants.append((f"no TMA {off}", {}, {"USE_TMA": {**launch.USE_TMA, off: False},
+                                                **(triton_dq if off == "dq" else {})}))
     for bm, bn, w, st in [(32, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 4)]:
         variants.append((f"long bm{bm} bn{bn} w{w} s{st}", {"dkdv_long": T(bm, bn, w, st)}, triton_long))
     for bn in (16, 32):  # the short-column kernel's key tile (default: 64 keys, several small blocks to a tile)
