@@ -542,12 +542,12 @@ def _attn_bwd_dkdv_long(
     tiles instead), so the matrix products are as wide as a dense kernel's whatever the pattern's
     block; until the tile's last column opens, rows of columns not yet open are masked. A program takes
     the ``split``-th chunk of ``chunk`` query tiles of one key tile of one head, so the long columns do
-    not run alone at the end; ``ORDER`` lists the (key tile, split) slots, the most work first, and
-    program ``slot rank x heads + head`` runs that slot for that head: the GPU starts the long chunks
-    first and ends on short ones. With one chunk it stores, else it adds atomically (zeroed PART)."""
-    h = tl.program_id(0) % n_heads
-    slot = tl.load(ORDER + tl.program_id(0) // n_heads)
-    tile, split = slot // n_splits, slot % n_splits
+    not run alone at the end (query tiles ``q_tile_lo + split * chunk`` onwards, the same for every column,
+    so programs side by side read the same ones); ``ORDER`` lists the programs' (key tile, split, head),
+    in the order of ``launch._long_order``. With one chunk it stores, else it adds atomically (zeroed PART)."""
+    code = tl.load(ORDER + tl.program_id(0))
+    h = code % n_heads
+    tile, split = code // n_heads // n_splits, code // n_heads % n_splits
     b = tl.program_id(2)
     q_start, k_start, len_q, len_k = _seq_bounds(cu_q, cu_k, b, seqlen_q, seqlen_k, VARLEN)
     ROWS: tl.constexpr = BLOCK_N // COLS  # rows of one column in the tile
@@ -567,8 +567,8 @@ def _attn_bwd_dkdv_long(
     q_tile_lo = q_off // BLOCK_M
     q_tile_hi = (len_k - 1) // BLOCK_M
     open_lo = _long_open_tile(kb, q_tile_lo, BLOCK, BLOCK_M, OPEN_ALIGN, CAUSAL)
-    lo = tl.min(open_lo, 0) + split * chunk
-    hi = tl.minimum(lo + chunk, q_tile_hi + 1)
+    lo = tl.maximum(tl.min(open_lo, 0), q_tile_lo + split * chunk)
+    hi = tl.minimum(q_tile_lo + (split + 1) * chunk, q_tile_hi + 1)
     all_open = tl.max(open_lo, 0)
     kv_mask = (k_pos < len_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
     kvh = h // heads_per_kv

@@ -164,13 +164,13 @@ def _attn_bwd_dkdv_long_ws(
     BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, COLS: gl.constexpr, HEAD_DIM: gl.constexpr,
     CAUSAL: gl.constexpr, ATOMIC: gl.constexpr, OPEN_ALIGN: gl.constexpr, STAGES: gl.constexpr,
 ):
-    """Program ``slot rank x heads + head``: the ``split``-th chunk of query tiles of one 128-key tile
-    (``COLS`` columns side by side, or a part of one column of 128 keys or more) of one head, as in the
-    Triton long pass; batch ``program_id(2)``."""
-    h = gl.program_id(0) % n_heads
-    slot = gl.load(ORDER + gl.program_id(0) // n_heads)
-    tile = slot // n_splits
-    split = slot % n_splits
+    """Program ``ORDER[program_id(0)]``: the ``split``-th chunk of query tiles of one 128-key tile (``COLS``
+    columns side by side, or a part of one column of 128 keys or more) of one head, as in the Triton long
+    pass; batch ``program_id(2)``."""
+    code = gl.load(ORDER + gl.program_id(0))
+    h = code % n_heads
+    tile = code // n_heads // n_splits
+    split = code // n_heads % n_splits
     b = gl.program_id(2)
     len_q = seqlen_q
     len_k = seqlen_k
@@ -188,8 +188,8 @@ def _attn_bwd_dkdv_long_ws(
     if kb0 * BLOCK < len_k:
         q_off = len_k - len_q
         q_tile_lo = q_off // BLOCK_M
-        lo = _long_open_tile(kb0, q_tile_lo, BLOCK, BLOCK_M, OPEN_ALIGN, CAUSAL) + split * chunk
-        hi = gl.minimum(lo + chunk, (len_k - 1) // BLOCK_M + 1)
+        lo = gl.maximum(_long_open_tile(kb0, q_tile_lo, BLOCK, BLOCK_M, OPEN_ALIGN, CAUSAL), q_tile_lo + split * chunk)
+        hi = gl.minimum(q_tile_lo + (split + 1) * chunk, (len_k - 1) // BLOCK_M + 1)
         q_bufs = gl.allocate_shared_memory(q_desc.dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
         do_bufs = gl.allocate_shared_memory(do_desc.dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
         kv_shape: gl.constexpr = [2, 1, ROWS, 1, HEAD_DIM]  # a warpgroup's rows, whatever the columns they span

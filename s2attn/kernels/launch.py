@@ -168,21 +168,32 @@ def _descriptors(kernel: str, a: torch.Tensor, b: torch.Tensor, t: Tiles, block_
 
 @functools.lru_cache(maxsize=64)
 def _long_order(n_tiles: int, n_sub: int, splits: int, chunk: int, col_blocks: int, block: int, block_m: int,
-                open_align: int, q_tiles: int, causal: bool, device: torch.device) -> torch.Tensor:
-    """The long pass's ``(key tile, split)`` slots (``tile * splits + split``), the most query tiles first.
+                open_align: int, q_tiles: int, q_tile_lo: int | None, causal: bool, heads: int,
+                device: torch.device) -> torch.Tensor:
+    """The long pass's programs, each ``(tile * splits + split) * heads + head``: one key tile's share of the
+    query tiles ``q_tile_lo + split * chunk`` onwards (``chunk`` of them) for one head.
 
-    A causal column opens past its own block, so an early key tile's chunks are all full and a late one's
-    few and short; launched in index order, full chunks of the first tiles would start last and run alone
-    at the end (H100, 64k keys, 8 heads: SMs idle 13% of the pass). The work is estimated with no head
-    shift (columns ``col_blocks`` apart), which moves it by under a tile of ``block_m`` per block shifted."""
-    def work(slot: int) -> int:
-        tile, split = divmod(slot, splits)
+    Programs that run side by side should read the same Q and dO tiles, so that the L2 cache serves them
+    (launched head after head, a split of every head at a time, they streamed different heads' queries: H100,
+    64k keys, L2 hits 10%, DRAM 50% busy). So: split by split, the last queries (the most work) first; in a
+    split, head by head; in a head, the most work first, so each split ends on short programs. A causal column
+    opens past its own block: a late key tile has nothing to do in an early split. The work is estimated with
+    no head shift (columns ``col_blocks`` apart), an upper bound (a shift only moves columns later), so slots
+    it finds empty are left out, unless the first query tile is not known (``q_tile_lo`` None: packed
+    sequences, each with its own) or there is one split (it stores every column's sums, zeros included)."""
+    lo = q_tile_lo or 0
+
+    def work(tile: int, split: int) -> int:
         first_kb = tile // n_sub * col_blocks
         opens = -(-(first_kb + 1) * block // open_align) * open_align // block_m if causal else 0
-        return min(chunk, max(0, q_tiles - opens - split * chunk))
+        return max(0, min(lo + (split + 1) * chunk, q_tiles) - max(lo + split * chunk, opens))
 
-    order = sorted(range(n_tiles * splits), key=work, reverse=True)
-    return torch.tensor(order, dtype=torch.int32, device=device)
+    codes = []
+    for split in reversed(range(splits)):
+        todo = [t for t in range(n_tiles) if q_tile_lo is None or splits == 1 or work(t, split) > 0]
+        todo.sort(key=lambda t: -work(t, split))
+        codes += [(t * splits + split) * heads + h for h in range(heads) for t in todo]
+    return torch.tensor(codes, dtype=torch.int32, device=device)
 
 
 # the warp-specialised kernels (Gluon, Hopper): tiles of 64 rows a warpgroup (two compute warpgroups and a loader
@@ -325,8 +336,9 @@ def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, row
         cols = max(1, lt.block_n // block)
         n_sub = max(1, block // lt.block_n)
         order = _long_order(triton.cdiv(part_cols, cols) * n_sub, n_sub, splits, chunk, cols * part_stride, block,
-                            lt.block_m, open_align, triton.cdiv(max_k, lt.block_m), causal, q.device)
-        grid = (order.numel() * heads, 1, batch)
+                            lt.block_m, open_align, triton.cdiv(max_k, lt.block_m),
+                            None if varlen else (max_k - max_q) // lt.block_m, causal, heads, q.device)
+        grid = (order.numel(), 1, batch)
         scalars = (max_q, max_k, heads // kv_heads, heads, scale * LOG2E, chunk, splits, part_cols)
         if ws:
             _attn_bwd_dkdv_long_ws[grid](

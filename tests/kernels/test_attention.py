@@ -268,15 +268,18 @@ def test_long_column_tiles(monkeypatch, block_n):
     check(*make_qkv(1, 1100, 1100, 4, 2, 32, torch.float32), pattern)
 
 
-def test_long_pass_order_most_work_first():
-    """The long pass's launch order: every (key tile, split) slot once, the full chunks of early key
-    tiles first, the empty chunks of late ones last."""
-    tiles, splits = 8, 3  # key tile t's columns open at query tile 8t + 2 of 64: 62 - 8t tiles, chunks of 22
-    order = launch._long_order(tiles, 1, splits, 22, 4, 64, 32, 32, 64, True, torch.device("cpu")).tolist()
-    assert sorted(order) == list(range(tiles * splits))
-    assert set(order[:9]) == {0, 1, 3, 4, 6, 7, 9, 12, 15}  # full chunks: split 0 of tiles 0-4, split 1 of 0-3
-    assert order[9:16] == [2, 10, 18, 5, 13, 21, 8]  # partial: 18, 16, 14, 10, 8, 6, 2 tiles
-    assert set(order[16:]) == {11, 14, 16, 17, 19, 20, 22, 23}  # empty
+def test_long_pass_order():
+    """The long pass's launch order: split by split (the last queries first), head by head, the most work
+    first within a head; slots with nothing to do left out, unless the first query tile is not known."""
+    tiles, splits, heads = 8, 3, 2  # key tile t's columns open at query tile 8t + 2 of 64; splits of 22 tiles
+    order = launch._long_order(tiles, 1, splits, 22, 4, 64, 32, 32, 64, 0, True, heads, torch.device("cpu"))
+    decoded = [(code // heads // splits, code // heads % splits, code % heads) for code in order.tolist()]
+    by_tile = {  # split 2 (tiles 44-63): 20 tiles for key tiles 0-5, 14, 6; split 1: 22 x3, 18, 10, 2; split 0
+        2: [0, 1, 2, 3, 4, 5, 6, 7], 1: [0, 1, 2, 3, 4, 5], 0: [0, 1, 2]}  # 20, 12, 4 (key tiles 3+ open later)
+    expected = [(t, split, h) for split in (2, 1, 0) for h in range(heads) for t in by_tile[split]]
+    assert decoded == expected
+    packed = launch._long_order(tiles, 1, splits, 22, 4, 64, 32, 32, 64, None, True, heads, torch.device("cpu"))
+    assert sorted(packed.tolist()) == list(range(tiles * splits * heads))
 
 
 @pytest.mark.parametrize("long_m, short_m", [(32, 64), (64, 32)])

@@ -1,0 +1,10 @@
+import sys, torch
+from s2attn import ops
+from s2attn.patterns import local_stride
+seqlen = int(sys.argv[1]); heads = 32; dim = 128
+pat = local_stride(heads, seqlen, 64, 8, 16)
+q, k, v = (torch.randn(1, seqlen, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+for _ in range(2):
+    out = ops.attention(q, k, v, pat, softmax_scale=dim**-0.5, causal=True, layout="bshd", return_lse=False)
+    out.backward(torch.randn_like(out))
+torch.cuda.synchronize()
