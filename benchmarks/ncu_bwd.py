@@ -1,3 +1,7 @@
+"""Two forward + backward calls of the bench's shape at one length, for Nsight Compute to profile the
+second backward's kernels: ``bash scripts/ncu_bwd.sh 65536`` (``python benchmarks/ncu_bwd.py N`` alone just
+runs them)."""
+
 import sys, torch
 from s2attn import ops
 from s2attn.patterns import local_stride
