@@ -58,11 +58,11 @@ def _stage_products(a0, a1, bufs0, bufs1, ready, s, phase, zeros):
 
 
 @gluon.jit
-def _loader(q_desc, do_desc, k_desc, v_desc, q_bufs, do_bufs, k_bufs, v_bufs, ready, empty, kv_ready,
-            b, h, kvh, c0, c1, in0, in1, first, stride, dense, lo, hi, q_off, BLOCK: gl.constexpr,
-            BLOCK_M: gl.constexpr):
-    """Each warpgroup's 64 key rows (one TMA tile per column they span) once, then Q and dO tile after tile
-    through the ring."""
+def _loader(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_bufs, do_bufs, k_bufs, v_bufs, lse_bufs,
+            delta_bufs, ready, empty, kv_ready, b, h, kvh, lse_row, c0, c1, in0, in1, first, stride, dense, lo, hi,
+            q_off, BLOCK: gl.constexpr, BLOCK_M: gl.constexpr):
+    """Each warpgroup's 64 key rows (one TMA tile per column they span) once, then Q, dO, lse and delta tile
+    after tile through the ring (lse and delta: row ``lse_row = b * heads + h``)."""
     stages: gl.constexpr = q_bufs.type.shape[0]
     RPC: gl.constexpr = k_desc.block_type.shape[1]  # rows a column gives a warpgroup
     CW: gl.constexpr = ROWS // RPC  # columns a warpgroup spans
@@ -78,16 +78,19 @@ def _loader(q_desc, do_desc, k_desc, v_desc, q_bufs, do_bufs, k_bufs, v_bufs, re
         s = i % stages
         mbarrier.wait(empty.index(s), (i // stages & 1) ^ 1)  # a fresh barrier's phase "1" is complete
         bar = ready.index(s)
-        mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+        mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes + lse_desc.block_type.nbytes
+                        + delta_desc.block_type.nbytes)
         row = (lo + i) * BLOCK_M - q_off  # negative or past the end: TMA reads zeros there
         tma.async_copy_global_to_shared(q_desc, [b, row, h, 0], bar, q_bufs.index(s))
         tma.async_copy_global_to_shared(do_desc, [b, row, h, 0], bar, do_bufs.index(s))
+        # lse / delta rows from entry -(q_off % 4) on (launch._tma_rows): tiles start on 16-byte boundaries
+        tma.async_copy_global_to_shared(lse_desc, [lse_row, row + q_off % 4], bar, lse_bufs.index(s))
+        tma.async_copy_global_to_shared(delta_desc, [lse_row, row + q_off % 4], bar, delta_bufs.index(s))
 
 
 @gluon.jit
-def _compute(q_bufs, do_bufs, k_bufs, v_bufs, ready, empty, kv_ready, PART_K, PART_V, lse_ptr, delta_ptr,
-             c_first, in_first, first, stride, dense, part_base, n_heads, h, len_k, len_q, q_off, q_tile_lo, lo, hi,
-             qk_scale, WG: gl.constexpr, BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+def _compute(q_bufs, do_bufs, k_bufs, v_bufs, lse_bufs, delta_bufs, ready, empty, kv_ready, PART_K, PART_V,
+             c_first, in_first, first, stride, dense, part_base, n_heads, h, len_k, q_tile_lo, lo, hi, qk_scale, WG: gl.constexpr, BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
              CAUSAL: gl.constexpr, ATOMIC: gl.constexpr, OPEN_ALIGN: gl.constexpr):
     """Compute warpgroup ``WG``: dK and dV of its 64 key rows (rows from ``in_first`` of column ``c_first``,
     or whole columns from ``c_first`` for blocks under 64) over query tiles ``lo..hi-1``, each row from the
@@ -112,7 +115,6 @@ def _compute(q_bufs, do_bufs, k_bufs, v_bufs, ready, empty, kv_ready, PART_K, PA
     zeros_s = gl.zeros([ROWS, BLOCK_M], gl.float32, s_layout)
     k = k_bufs.index(WG).reshape([ROWS, HEAD_DIM])
     v = v_bufs.index(WG).reshape([ROWS, HEAD_DIM])
-    offs_m = gl.arange(0, BLOCK_M, gl.SliceLayout(0, s_layout))
     for i in range(n_skip):  # tiles before this warpgroup's first column opens: pass the stage on
         mbarrier.wait(ready.index(i % stages), i // stages & 1)
         mbarrier.arrive(empty.index(i % stages), count=1)
@@ -121,19 +123,18 @@ def _compute(q_bufs, do_bufs, k_bufs, v_bufs, ready, empty, kv_ready, PART_K, PA
     dv = gl.zeros([ROWS, HEAD_DIM], gl.float32, d_layout)
     for i in range(n_skip, n):
         s = i % stages
-        q_row = (lo + i) * BLOCK_M + offs_m - q_off
-        row_ok = (q_row >= 0) & (q_row < len_q)
-        lse2 = _load_lse2(lse_ptr + q_row, row_ok)
-        delta = gl.load(delta_ptr + q_row, mask=row_ok, other=0.0)
         st, dpt, q, do = _stage_products(k, v, q_bufs, do_bufs, ready, s, i // stages & 1, zeros_s)
-        pt = gl.exp2(st * qk_scale - lse2[None, :])
+        # lse and delta from shared memory, not registers held across the products (spills 124 -> 0 bytes);
+        # rows outside the sequence read 0 there, and their Q and dO rows 0, so they add nothing
+        lse = lse_bufs.index(s).load(s_layout)  # (1, BLOCK_M)
+        pt = gl.exp2(st * qk_scale - gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634))
         if i < n_masked:
             pt = gl.where((row_open <= lo + i)[:, None], pt, 0.0)
         # dV's product runs while dS is computed (H100: long pass 128k 34.2-34.8 ms against 35.2, 32k 2.09-2.11
         # against 2.12-2.16)
         dv = warpgroup_mma(gl.convert_layout(pt.to(dtype), a_layout), do, dv, is_async=True)
         dpt = warpgroup_mma_wait(num_outstanding=1, deps=(dpt,))
-        dst = pt * (dpt - delta[None, :])
+        dst = pt * (dpt - delta_bufs.index(s).load(s_layout))
         dk = warpgroup_mma(gl.convert_layout(dst.to(dtype), a_layout), q, dk, is_async=True)
         # waiting here, not after the next tile's first products: releasing the stage a tile later starved
         # the loader (H100, 128k: long pass 41-42 ms against 34-35)
@@ -157,8 +158,7 @@ def _compute(q_bufs, do_bufs, k_bufs, v_bufs, ready, empty, kv_ready, PART_K, PA
 
 @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k"])  # worker partitions take values, not Python ints
 def _attn_bwd_dkdv_long_ws(
-    q_desc, do_desc, k_desc, v_desc, LSE, DELTA, PART_K, PART_V, ORDER,
-    stride_lb, stride_lh,
+    q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, PART_K, PART_V, ORDER,
     seqlen_q, seqlen_k, heads_per_kv, n_heads, qk_scale, chunk, n_splits, part_cols,
     local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous,
     BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, COLS: gl.constexpr, HEAD_DIM: gl.constexpr,
@@ -195,20 +195,20 @@ def _attn_bwd_dkdv_long_ws(
         kv_shape: gl.constexpr = [2, 1, ROWS, 1, HEAD_DIM]  # a warpgroup's rows, whatever the columns they span
         k_bufs = gl.allocate_shared_memory(k_desc.dtype, kv_shape, k_desc.layout)
         v_bufs = gl.allocate_shared_memory(v_desc.dtype, kv_shape, v_desc.layout)
+        lse_bufs = gl.allocate_shared_memory(gl.float32, [STAGES] + lse_desc.block_type.shape, lse_desc.layout)
+        delta_bufs = gl.allocate_shared_memory(gl.float32, [STAGES] + delta_desc.block_type.shape, delta_desc.layout)
         ready, empty, kv_ready = _barriers(STAGES)
-        lse_ptr = LSE + b * stride_lb + h * stride_lh
-        delta_ptr = DELTA + b * stride_lb + h * stride_lh
         base = b * part_cols
         gl.warp_specialize([
-            (_compute, (q_bufs, do_bufs, k_bufs, v_bufs, ready, empty, kv_ready, PART_K, PART_V, lse_ptr, delta_ptr,
-                        c0, in0, first, stride, dense, base, n_heads, h, len_k, len_q, q_off, q_tile_lo, lo, hi,
-                        qk_scale, 0, BLOCK, BLOCK_M, HEAD_DIM, CAUSAL, ATOMIC, OPEN_ALIGN)),
-            (_compute, (q_bufs, do_bufs, k_bufs, v_bufs, ready, empty, kv_ready, PART_K, PART_V, lse_ptr, delta_ptr,
-                        c1, in1, first, stride, dense, base, n_heads, h, len_k, len_q, q_off, q_tile_lo, lo, hi,
-                        qk_scale, 1, BLOCK, BLOCK_M, HEAD_DIM, CAUSAL, ATOMIC, OPEN_ALIGN)),
-            (_loader, (q_desc, do_desc, k_desc, v_desc, q_bufs, do_bufs, k_bufs, v_bufs, ready, empty, kv_ready,
-                       b, h, h // heads_per_kv, c0, c1, in0, in1, first, stride, dense, lo, hi, q_off, BLOCK,
-                       BLOCK_M)),
+            (_compute, (q_bufs, do_bufs, k_bufs, v_bufs, lse_bufs, delta_bufs, ready, empty, kv_ready, PART_K,
+                        PART_V, c0, in0, first, stride, dense, base, n_heads, h, len_k, q_tile_lo, lo, hi, qk_scale,
+                        0, BLOCK, BLOCK_M, HEAD_DIM, CAUSAL, ATOMIC, OPEN_ALIGN)),
+            (_compute, (q_bufs, do_bufs, k_bufs, v_bufs, lse_bufs, delta_bufs, ready, empty, kv_ready, PART_K,
+                        PART_V, c1, in1, first, stride, dense, base, n_heads, h, len_k, q_tile_lo, lo, hi, qk_scale,
+                        1, BLOCK, BLOCK_M, HEAD_DIM, CAUSAL, ATOMIC, OPEN_ALIGN)),
+            (_loader, (q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_bufs, do_bufs, k_bufs, v_bufs,
+                       lse_bufs, delta_bufs, ready, empty, kv_ready, b, h, h // heads_per_kv, b * n_heads + h, c0, c1,
+                       in0, in1, first, stride, dense, lo, hi, q_off, BLOCK, BLOCK_M)),
         ], [4, 1], [240, 24])
 
 

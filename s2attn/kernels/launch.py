@@ -231,6 +231,32 @@ def _hopper_descriptors(q, k, v, do, lse, block: int, varlen: bool):
     return descs
 
 
+def _tma_rows(x: torch.Tensor, lead: int, copy: bool = True) -> torch.Tensor:
+    """``x``, fp32 ``(batch, heads, seq)``, or with ``copy=False`` an empty tensor strided the same way, whose rows
+    TMA can read in tiles starting ``lead`` entries before a multiple of 4 (TMA starts a tile on a 16-byte
+    boundary: H100, an illegal instruction otherwise): rows 16 bytes apart and entry ``-lead`` of each aligned.
+    ``x`` itself where that holds, else a buffer with ``lead`` zeros before each row, padded to a multiple of 4."""
+    n = x.shape[-1]
+    if lead == 0 and x.is_contiguous() and n % 4 == 0 and x.data_ptr() % 16 == 0:
+        return x if copy else torch.empty_like(x)
+    buf = torch.empty(*x.shape[:-1], -(-(lead + n) // 4) * 4, dtype=torch.float32, device=x.device)
+    buf[..., :lead] = 0
+    rows = buf[..., lead:lead + n]
+    return rows.copy_(x) if copy else rows
+
+
+def _row_descriptors(lead: int, *xs: torch.Tensor) -> list:
+    """Gluon TMA descriptors of ``(batch, heads, seq)`` fp32 tensors from :func:`_tma_rows`, as ``(batch x heads,
+    lead + seq)`` from ``lead`` entries before each row, in tiles of one row's 64 entries (past the end: 0)."""
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+    descs = []
+    for x in xs:
+        shape = [x.shape[0] * x.shape[1], lead + x.shape[2]]
+        rows = torch.as_strided(x, shape, [x.stride(1), 1], x.storage_offset() - lead)
+        descs.append(GluonDescriptor(rows, shape, [x.stride(1), 1], [1, 64], layout))
+    return descs
+
+
 def _seq_args(q, k, cu_q, cu_k):
     varlen = cu_q is not None
     if varlen:
@@ -288,12 +314,18 @@ def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, row
     block_d = triton.next_power_of_2(head_dim)
     common = dict(BLOCK=block, HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, VARLEN=varlen,
                   UPCAST=_upcast(q.dtype))
-    lse_strides = _lse_strides(lse, varlen)
-    delta = torch.empty_like(lse)  # written by the dQ kernel, read by the dK/dV kernel
-
     hopper = None if use_table else _hopper_descriptors(q, k, v, do, lse, block, varlen)
+    lead = (max_k - max_q) % 4  # the long pass's lse / delta tiles start this many entries before a row
+    if hopper:  # the Gluon long pass reads lse and delta rows through TMA; dQ reads dlse with lse's strides
+        lse = _tma_rows(lse, lead)
+        dlse = None if dlse is None else _tma_rows(dlse, lead)
+        delta = _tma_rows(lse, lead, copy=False)
+    else:
+        dlse = None if dlse is None else dlse.contiguous()
+        delta = torch.empty_like(lse)  # written by the dQ kernel, read by the dK/dV kernel
+    lse_strides = _lse_strides(lse, varlen)
     dq = _new_like(q)
-    dlse = lse if dlse is None else dlse.contiguous()
+    dlse = lse if dlse is None else dlse
     if hopper and WARP_SPECIALISED["dq"] and max_k > WS_DQ_FROM and block >= 64:
         _attn_bwd_dq_ws[(triton.cdiv(max_q, 128) + 1, heads, batch)](
             *hopper, out, do, dq, lse, dlse, delta, *_strides(out, varlen), *_strides(do, varlen),
@@ -342,7 +374,7 @@ def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, row
         scalars = (max_q, max_k, heads // kv_heads, heads, scale * LOG2E, chunk, splits, part_cols)
         if ws:
             _attn_bwd_dkdv_long_ws[grid](
-                *hopper, lse, delta, *parts, order, *lse_strides[:2], *scalars, *rule[:8], BLOCK=block,
+                *hopper, *_row_descriptors(lead, lse, delta), *parts, order, *scalars, *rule[:8], BLOCK=block,
                 BLOCK_M=lt.block_m, COLS=cols, HEAD_DIM=head_dim, CAUSAL=causal, ATOMIC=splits > 1,
                 OPEN_ALIGN=open_align, STAGES=lt.num_stages, num_warps=4, maxnreg=WS_MAXNREG,
             )
