@@ -282,6 +282,21 @@ def test_long_pass_order():
     assert sorted(packed.tolist()) == list(range(tiles * splits * heads))
 
 
+@pytest.mark.parametrize("n, lead", [(8, 0), (7, 0), (9, 3), (8, 2)])
+def test_tma_rows(n, lead):
+    """lse / delta as the Gluon long pass reads them through TMA: the same values, ``lead`` zeros before each
+    row, rows 16 bytes apart and each starting ``lead`` entries after a 16-byte boundary; the empty twin strided
+    alike; a tensor that already is so, itself."""
+    x = torch.randn(2, 3, n)
+    y = launch._tma_rows(x, lead)
+    assert torch.equal(y, x)
+    assert y.stride(1) % 4 == 0 and y.stride(0) == 3 * y.stride(1) and (y.storage_offset() - lead) % 4 == 0
+    before = torch.as_strided(y, (2, 3, lead), (y.stride(0), y.stride(1), 1), y.storage_offset() - lead)
+    assert not before.any()
+    assert launch._tma_rows(x, lead, copy=False).stride() == y.stride()
+    assert (launch._tma_rows(x, lead) is x) == (lead == 0 and n % 4 == 0)
+
+
 @pytest.mark.parametrize("long_m, short_m", [(32, 64), (64, 32)])
 @pytest.mark.parametrize("block", [16, 32])
 def test_long_pass_own_query_tile(monkeypatch, long_m, short_m, block):
