@@ -6,7 +6,8 @@ the rule path: dQ and delta), with the roles split across warps instead of every
 in lockstep at CTA barriers:
 
 * one *loader* warp streams tiles through TMA into a ring of shared-memory stages (the long pass: Q and
-  dO tiles of 64 queries; dQ: K and V tiles of 64 keys) and signals each one ready on an mbarrier;
+  dO tiles of 64 queries with their lse and delta rows; dQ: K and V tiles of 64 keys) and signals each one
+  ready on an mbarrier;
 * two *compute* warpgroups each own 64 rows (long pass: key rows, with their K, V, dK and dV; dQ: query
   rows, with their Q, dO and dQ). They share the ring but nothing else, so neither waits for the other:
   while one computes ``exp2`` and dS, the other's products keep the tensor cores busy. Each releases a
