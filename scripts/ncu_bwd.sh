@@ -3,14 +3,10 @@
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"; export PYTHONPATH=$PWD
 N=${1:-65536}
-which ncu || ls /usr/local/cuda*/bin/ncu
-ncu --query-metrics --chip gh100 2>/dev/null | grep -iE "gmma|pipe_tensor" | head -20
-m=$(ncu --query-metrics --chip gh100 2>/dev/null | awk '{print $1}' | grep -E "^sm__pipe_tensor_op_gmma_cycles_active$|^sm__inst_executed_pipe_tensor_op_gmma$" | sed 's/$/.avg.pct_of_peak_sustained_active/' | paste -sd, -)
-echo "metrics: $m"
 timeout 500 ncu -k regex:_attn_bwd --launch-skip 3 --launch-count 3 \
   --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
   --section WarpStateStats --section SchedulerStats --section LaunchStats --section Occupancy \
-  ${m:+--metrics $m} -o "$OUT/bwd" python3 benchmarks/ncu_bwd.py $N > "$OUT/ncu.log" 2>&1
+  -o "$OUT/bwd" python3 benchmarks/ncu_bwd.py $N > "$OUT/ncu.log" 2>&1
 tail -5 "$OUT/ncu.log"
 ncu -i "$OUT/bwd.ncu-rep" --print-details all > "$OUT/details.txt" 2>&1
 grep -E "_attn_bwd|Duration|SM Frequency|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|L2 Hit|Registers Per|Shared Memory Config|Stall|gmma|Issue Slots Busy|No Eligible|Warp Cycles Per Issued" "$OUT/details.txt" | head -120

@@ -91,7 +91,8 @@ def _loader(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_bufs, do_bu
 
 @gluon.jit
 def _compute(q_bufs, do_bufs, k_bufs, v_bufs, lse_bufs, delta_bufs, ready, empty, kv_ready, PART_K, PART_V,
-             c_first, in_first, first, stride, dense, part_base, n_heads, h, len_k, q_tile_lo, lo, hi, qk_scale, WG: gl.constexpr, BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+             c_first, in_first, first, stride, dense, part_base, n_heads, h, len_k, q_tile_lo, lo, hi, qk_scale,
+             WG: gl.constexpr, BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
              CAUSAL: gl.constexpr, ATOMIC: gl.constexpr, OPEN_ALIGN: gl.constexpr):
     """Compute warpgroup ``WG``: dK and dV of its 64 key rows (rows from ``in_first`` of column ``c_first``,
     or whole columns from ``c_first`` for blocks under 64) over query tiles ``lo..hi-1``, each row from the
@@ -189,7 +190,8 @@ def _attn_bwd_dkdv_long_ws(
     if kb0 * BLOCK < len_k:
         q_off = len_k - len_q
         q_tile_lo = q_off // BLOCK_M
-        lo = gl.maximum(_long_open_tile(kb0, q_tile_lo, BLOCK, BLOCK_M, OPEN_ALIGN, CAUSAL), q_tile_lo + split * chunk)
+        opens = _long_open_tile(kb0, q_tile_lo, BLOCK, BLOCK_M, OPEN_ALIGN, CAUSAL)
+        lo = gl.maximum(opens, q_tile_lo + split * chunk)  # split: an absolute range (launch._long_order)
         hi = gl.minimum(q_tile_lo + (split + 1) * chunk, (len_k - 1) // BLOCK_M + 1)
         q_bufs = gl.allocate_shared_memory(q_desc.dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
         do_bufs = gl.allocate_shared_memory(do_desc.dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
