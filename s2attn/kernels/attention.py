@@ -117,11 +117,16 @@ def _row_segments(qb_lo, qb_hi, n_kb, local, stride, shift, dense, CAUSAL: tl.co
 
 
 @triton.jit
-def _load_lse2(ptrs, mask):
-    """Row log-sum-exp in base 2; rows that do not exist or attend nothing read +inf, so every
-    probability recomputed from it is exactly 0."""
-    lse = tl.load(ptrs, mask=mask, other=float("inf"))
+def _lse2(lse):
+    """Row log-sum-exp in base 2; a row that attends nothing (-inf) reads +inf, so every probability
+    recomputed from it is exactly 0."""
     return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+
+
+@triton.jit
+def _load_lse2(ptrs, mask):
+    """:func:`_lse2` of the rows at ``ptrs``; rows that do not exist read +inf too."""
+    return _lse2(tl.load(ptrs, mask=mask, other=float("inf")))
 
 
 @triton.jit

@@ -24,8 +24,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-from .attention import (_column_block, _first_congruent, _head_rule, _load_lse2, _long_open_tile, _row_segments,
-                        _rows_allowed, _tile_ok)
+from .attention import (_column_block, _first_congruent, _head_rule, _load_lse2, _long_open_tile, _lse2,
+                        _row_segments, _rows_allowed, _tile_ok)
 
 ROWS = gl.constexpr(64)  # rows a compute warpgroup owns (one wgmma M)
 
@@ -128,8 +128,7 @@ def _compute(q_bufs, do_bufs, k_bufs, v_bufs, lse_bufs, delta_bufs, ready, empty
         st, dpt, q, do = _stage_products(k, v, q_bufs, do_bufs, ready, s, i // stages & 1, zeros_s)
         # lse and delta from shared memory, not registers held across the products (spills 124 -> 0 bytes);
         # rows outside the sequence read 0 there, and their Q and dO rows 0, so they add nothing
-        lse = lse_bufs.index(s).load(s_layout)  # (1, BLOCK_M)
-        pt = gl.exp2(st * qk_scale - gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634))
+        pt = gl.exp2(st * qk_scale - _lse2(lse_bufs.index(s).load(s_layout)))  # lse: (1, BLOCK_M)
         if i < n_masked:
             pt = gl.where((row_open <= lo + i)[:, None], pt, 0.0)
         # dV's product runs while dS is computed (H100: long pass 128k 34.2-34.8 ms against 35.2, 32k 2.09-2.11

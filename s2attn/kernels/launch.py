@@ -315,8 +315,9 @@ def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, row
     common = dict(BLOCK=block, HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, VARLEN=varlen,
                   UPCAST=_upcast(q.dtype))
     hopper = None if use_table else _hopper_descriptors(q, k, v, do, lse, block, varlen)
+    ws_long = hopper is not None and WARP_SPECIALISED["dkdv_long"]
     lead = (max_k - max_q) % 4  # the long pass's lse / delta tiles start this many entries before a row
-    if hopper:  # the Gluon long pass reads lse and delta rows through TMA; dQ reads dlse with lse's strides
+    if ws_long:  # the Gluon long pass reads lse and delta rows through TMA; dQ reads dlse with lse's strides
         lse = _tma_rows(lse, lead)
         dlse = None if dlse is None else _tma_rows(dlse, lead)
         delta = _tma_rows(lse, lead, copy=False)
@@ -357,8 +358,7 @@ def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, row
         parts, open_align = row_table[:2], t.block_m
     else:
         table_splits = 1
-        ws = hopper and WARP_SPECIALISED["dkdv_long"]
-        lt = WS_TILES if ws else tiles("dkdv_long", block, head_dim, False, q.element_size(), max_k)
+        lt = WS_TILES if ws_long else tiles("dkdv_long", block, head_dim, False, q.element_size(), max_k)
         open_align = max(lt.block_m, t.block_m)  # where a long column's two passes meet (powers of two)
         chunk, splits = _column_chunks(max_q, lt.block_m, deterministic)
         part_rows = k.shape[1] // (block * part_stride) + 2 * batch if varlen else batch * part_cols
@@ -372,7 +372,7 @@ def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, row
                             None if varlen else (max_k - max_q) // lt.block_m, causal, heads, q.device)
         grid = (order.numel(), 1, batch)
         scalars = (max_q, max_k, heads // kv_heads, heads, scale * LOG2E, chunk, splits, part_cols)
-        if ws:
+        if ws_long:
             _attn_bwd_dkdv_long_ws[grid](
                 *hopper, *_row_descriptors(lead, lse, delta), *parts, order, *scalars, *rule[:8], BLOCK=block,
                 BLOCK_M=lt.block_m, COLS=cols, HEAD_DIM=head_dim, CAUSAL=causal, ATOMIC=splits > 1,
