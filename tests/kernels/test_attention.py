@@ -346,8 +346,8 @@ def test_warp_specialised_kernels(monkeypatch, block, dim, dtype, causal, determ
     two columns to a warpgroup, opening one after another (blocks 16, 32), two long columns to a 128-key
     tile (64), half a block a warpgroup (128), two tiles to a block (256); two or four key tiles to a block
     in dQ (which takes blocks of 64 and more); head dims 128 and 64; batch 2, GQA, a dense head, fewer queries
-    than keys (end-aligned, odd), a last column cut short; split columns (atomics) and deterministic
-    (stores, and the lse gradient)."""
+    than keys (end-aligned, odd: lse / delta rows read through TMA from a padded layout), a last column cut
+    short; split columns (atomics) and deterministic (stores, and the lse gradient)."""
     monkeypatch.setattr(launch, "WS_DQ_FROM", 0)  # dQ's Gluon kernel runs past 32k keys by default
     taken = []
     real = launch._hopper_descriptors
