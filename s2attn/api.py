@@ -55,7 +55,8 @@ def sparse_attention(
             ``seqlen_q <= seqlen_k <= pattern.max_seq_len``.
         pattern: a :class:`BlockPattern` over ``heads`` query heads (or shared by all heads).
         softmax_scale: multiplies ``q @ k^T`` before the softmax; default ``head_dim ** -0.5``.
-        causal: add ``s <= t`` to the pattern's mask; default ``pattern.causal``.
+        causal: add ``s <= t`` to the pattern's mask; default ``pattern.causal``. ``False`` on a causal
+            pattern drops only the token-level ``s <= t``: its block layout (causal blocks) stays.
         layout: ``"bshd"`` (flash-attn's) or ``"bhsd"`` (SDPA's).
         return_lse: also return the natural-log log-sum-exp of the scaled scores of each row.
         deterministic: a backward with bit-identical gradients run to run (no atomics: the long

@@ -169,7 +169,10 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
         return reference_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, pattern, softmax_scale=softmax_scale,
                                           causal=causal, return_lse=return_lse)
     q, k, v = (x.unsqueeze(0) for x in (q, k, v))
-    out, lse = _kernel_call(q, k, v, pattern, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+    # the maxima only size grids and tables: a generous max_seqlen_k past the pattern's length (every sequence
+    # is within it, validated) is as good as that length, on the rule path and the mask path alike
+    max_k = min(max_seqlen_k, pattern.max_seq_len)
+    out, lse = _kernel_call(q, k, v, pattern, cu_seqlens_q, cu_seqlens_k, min(max_seqlen_q, max_k), max_k,
                             softmax_scale, causal, deterministic)
     out = out[0]
     return (out, lse) if return_lse else out

@@ -365,8 +365,9 @@ def local_stride(
     if not 0 <= num_dense_heads <= num_kv_heads:
         raise ValueError(f"num_dense_heads={num_dense_heads}: expected 0..num_kv_heads={num_kv_heads}")
     step = max(1, vert_stride // num_kv_heads) if head_step is None else head_step
-    if step < 0:
-        raise ValueError(f"head_step={head_step!r}: expected >= 0")
+    for name, val in (("head_step", step), ("head_offset", head_offset)):
+        if not isinstance(val, int) or val < 0:
+            raise ValueError(f"{name}={val!r}: expected an int >= 0")
     rule = LocalStrideRule(local_blocks=local_blocks, vert_stride=vert_stride, head_step=step,
                            head_offset=head_offset, homogeneous=homogeneous, num_kv_heads=num_kv_heads,
                            num_dense_heads=num_dense_heads, heads_per_group=num_heads // num_kv_heads)
@@ -384,7 +385,10 @@ def dense(max_seq_len: int, block_size: int = 64, *, num_heads: int | None = Non
 
 
 def from_mask(mask: torch.Tensor, block_size: int, *, causal: bool = True, max_seq_len: int | None = None) -> BlockPattern:
-    """A pattern from a bool block mask ``(heads, q_blocks, k_blocks)`` or ``(q_blocks, k_blocks)``."""
+    """A pattern from a square bool block mask ``(heads, blocks, blocks)`` or ``(blocks, blocks)``: entry
+    ``[h, i, j]`` lets query block ``i`` of head ``h`` read key block ``j``, both by absolute position (with
+    fewer queries than keys, a query's block is that of its end-aligned position). ``causal`` (default
+    True) adds ``s <= t`` at token level unless a call overrides it."""
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         raise TypeError(f"mask: expected a bool torch.Tensor, got {type(mask).__name__}"
                         f"{'' if not isinstance(mask, torch.Tensor) else ' of dtype ' + str(mask.dtype)}")

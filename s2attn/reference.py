@@ -28,19 +28,17 @@ def attend(
     """
     b, h, sq, _ = q.shape
     sk = k.shape[2]
-    if sq == 0:
-        return q.new_zeros(q.shape), q.new_zeros(q.shape[:3])
     group = h // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
     kpos = torch.arange(sk, device=q.device)
     outs, lses = [], []
-    for start in range(0, sq, chunk_size):
+    for start in range(0, max(sq, 1), chunk_size):  # no queries: one empty chunk, so autograd still reaches q, k, v
         qpos = torch.arange(sk - sq + start, sk - sq + min(start + chunk_size, sq), device=q.device)
         allowed = pattern.token_mask_rows(qpos.cpu(), kpos.cpu(), causal).to(q.device)  # (hp, c, sk)
         scores = torch.einsum("bhqd,bhkd->bhqk", q[:, :, start : start + len(qpos)], k) * softmax_scale
         scores = scores.masked_fill(~allowed, float("-inf"))
-        row_max = scores.amax(-1, keepdim=True)
+        row_max = scores.amax(-1, keepdim=True) if sk else scores.sum(-1, keepdim=True)  # no keys: amax refuses
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
         p = torch.exp(scores - row_max)
         denom = p.sum(-1, keepdim=True)

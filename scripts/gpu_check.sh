@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session: environment, GPU tests, benchmarks; a short table last.
-# Usage (device tool): bash scripts/gpu_check.sh [tests|bench|all]   results land in $OUT (default ./gpu-out)
+# Usage (device tool): bash scripts/gpu_check.sh [tests|fuzz|bench|all]   results land in $OUT (default ./gpu-out)
 set -uo pipefail
 what=${1:-all}
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -19,6 +19,11 @@ if [[ $what == tests || $what == all ]]; then
   wait
   cat "$shards"/shard.*.log > "$OUT/tests.log"
   grep -hE "FAILED|Error|passed|failed|exit" "$OUT/tests.log" | tail -30
+fi
+if [[ $what == fuzz || $what == all ]]; then
+  # the differential fuzz at real sizes (decode, combine_partitions, torch.compile, the Gluon kernels too)
+  timeout ${FUZZ_TIMEOUT:-420} python3 tests/differential.py --gpu --cases ${FUZZ_CASES:-2000} \
+      --minutes ${FUZZ_MINUTES:-5} 2>&1 | tee "$OUT/fuzz.log" | tail -12
 fi
 if [[ $what == decode ]]; then
   timeout ${DECODE_TIMEOUT:-240} python3 benchmarks/bench_decode.py --out "$OUT/bench_decode.json" 2>&1 | tee "$OUT/bench_decode.md" | tail -45

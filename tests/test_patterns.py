@@ -226,6 +226,11 @@ def test_bad_constructor_arguments():
         from_mask(torch.ones(4, 4), 16)
     with pytest.raises(ValueError, match="max_seq_len"):
         local_stride(4, 1024, 64, 2, 4).block_mask(2048)
+    for name in ("head_step", "head_offset"):  # negative shifts are refused alike
+        with pytest.raises(ValueError, match=f"{name}=-1: expected an int >= 0"):
+            local_stride(4, 1024, 64, 2, 4, **{name: -1})
+    with pytest.raises(ValueError, match=r"mask shape \(2, 3, 5\): expected \(heads, blocks, blocks\)"):
+        from_mask(torch.ones(2, 3, 5, dtype=torch.bool), 16)  # square only, as the README says
     assert BLOCK_SIZES == (16, 32, 64, 128, 256)
 
 

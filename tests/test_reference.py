@@ -127,3 +127,16 @@ def test_chunking_does_not_change_the_result():
     chunked = attend(q, k, v, p, 0.5, True, chunk_size=7)
     for a, b in zip(whole, chunked):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("seq_k", [0, 40])
+def test_zero_queries_keep_the_graph(seq_k):
+    """No queries (and then maybe no keys): empty out and lse, and a backward that reaches q, k, v with zero
+    gradients (it raised: the empty output had no grad_fn)."""
+    p = local_stride(2, 256, 16, 2, 4)
+    q = rand(2, 0, 2, 320, dtype=torch.float64).requires_grad_()
+    k, v = (rand(2, seq_k, 2, 320, dtype=torch.float64).requires_grad_() for _ in range(2))
+    out, lse = reference_attention(q, k, v, p, return_lse=True)
+    assert out.shape == q.shape and lse.shape == (2, 2, 0)
+    out.sum().backward()
+    assert q.grad.shape == q.shape and (k.grad == 0).all() and (v.grad == 0).all()

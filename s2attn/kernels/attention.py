@@ -606,6 +606,17 @@ def _attn_bwd_dkdv_long(
 
 
 @triton.jit
+def _lower_bound(ptr, lo, hi, value):
+    """The first index in ``[lo, hi)`` whose entry is ``>= value`` (``hi`` if none); entries ascend."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        below = tl.load(ptr + mid) < value
+        lo = tl.where(below, mid + 1, lo)
+        hi = tl.where(below, hi, mid)
+    return lo
+
+
+@triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, DO, DK, DV, LSE, DELTA, PART_K, PART_V, cu_q, cu_k, tab_ptr, tab_tile, tab_bits, Q_DESC, DO_DESC,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
@@ -659,8 +670,11 @@ def _attn_bwd_dkdv(
                  k_pos, kb, offs_m, offs_d, q_off, len_q, qk_scale)
         if TABLE:
             col = (h % pattern_heads) * n_kblocks + kb
-            ent = tl.load(tab_ptr + col)
-            cnt = tl.load(tab_ptr + col + 1) - ent
+            end = tl.load(tab_ptr + col + 1)
+            # a column lists absolute query tiles from tile 0: start at the sequence's first one (the splits
+            # are sized for the query tiles there are, not for the keys')
+            ent = _lower_bound(tab_tile, tl.load(tab_ptr + col), end, q_tile_lo)
+            cnt = end - ent
             lo = tl.minimum(split * chunk, cnt)
             n = tl.minimum(cnt - lo, chunk)
             work += n

@@ -133,8 +133,10 @@ def _has_tma(device: torch.device) -> bool:
 
 
 def _tma_strides(x: torch.Tensor):
-    """The strides a TMA descriptor of ``x`` takes, or None where TMA cannot address it: base or strides not
-    16-byte aligned (a view may not be)."""
+    """The strides a TMA descriptor of ``x`` takes, or None where TMA cannot address it: an empty tensor (no
+    queries), base or strides not 16-byte aligned (a view may not be)."""
+    if x.numel() == 0:
+        return None
     strides = list(x.stride())
     for i in range(x.dim() - 2, -1, -1):  # a size-1 dim's stride is arbitrary: give it one TMA accepts
         if x.shape[i] == 1:

@@ -170,6 +170,62 @@ def test_mask_pattern_tables_with_empty_rows():
     check(*make_qkv(1, 300, 300, 4, 2, 32, torch.float32, gen=gen), shared)
 
 
+# ---------------------------------------------------------------- found by the differential fuzz (tests/differential.py)
+@pytest.mark.parametrize("seq_q", [1, 70])
+def test_table_columns_with_fewer_queries_than_keys(seq_q):
+    """A mask pattern's columns list absolute query tiles from tile 0; with fewer queries than keys (and past
+    512 keys, so a column is split across programs) the splits must start at the first query's tile, not at
+    tile 0 (dK and dV were all zero at one query over 513 keys)."""
+    pattern = from_mask(torch.ones(1, 9, 9, dtype=torch.bool), 64, causal=False)
+    check(*make_qkv(1, seq_q, 513, 1, 1, 16, torch.float32), pattern)
+    check(*make_qkv(1, seq_q, 513, 2, 1, 16, torch.float32), pattern, causal=True)
+
+
+def test_table_columns_varlen_and_causal_rule_called_bidirectionally():
+    """The same through packed sequences (one query over 513 keys beside a full sequence), and a causal
+    rule called with ``causal=False`` (which takes the table path)."""
+    pattern = local_stride(2, 640, 64, local_blocks=2, vert_stride=3)
+    check(*make_qkv(1, 3, 600, 2, 2, 16, torch.float32), pattern, causal=False)
+    lens_q, lens_k = [1, 130], [513, 130]
+    cu_q, cu_k = (torch.tensor([0] + n, device=DEVICE).cumsum(0).to(torch.int32) for n in (lens_q, lens_k))
+    mask = from_mask(torch.ones(9, 9, dtype=torch.bool), 64, causal=False)
+    q = torch.randn(sum(lens_q), 2, 16, device=DEVICE, requires_grad=True)
+    k, v = (torch.randn(sum(lens_k), 1, 16, device=DEVICE, requires_grad=True) for _ in range(2))
+    out = ops.attention_varlen(q, k, v, cu_q, cu_k, 130, 513, mask, softmax_scale=0.25, causal=False,
+                               return_lse=False)
+    leaves = [x.detach().double().cpu().requires_grad_() for x in (q, k, v)]
+    ref = s2attn.reference_attention_varlen(*leaves, cu_q.cpu(), cu_k.cpu(), mask, softmax_scale=0.25)
+    d_out = torch.randn_like(out)
+    out.backward(d_out)
+    ref.backward(d_out.double().cpu())
+    assert rel_err(out, ref.to(DEVICE)) <= 1e-4
+    for name, x, r in zip("qkv", (q, k, v), leaves):
+        assert rel_err(x.grad, r.grad.to(DEVICE)) <= 1e-4, f"d{name}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_zero_queries(dtype):
+    """No queries (a batch of 2): empty out and lse, zero dK / dV, no TMA descriptor of an empty tensor."""
+    pattern = local_stride(2, 256, 16, local_blocks=2, vert_stride=4)
+    q, k, v = (x.requires_grad_() for x in make_qkv(2, 0, 40, 2, 2, 16, dtype))
+    out, lse = ops.attention(q, k, v, pattern, softmax_scale=0.25, causal=True, layout="bshd", return_lse=True)
+    assert out.shape == (2, 0, 2, 16) and lse.shape == (2, 2, 0)
+    out.sum().backward()
+    assert q.grad.shape == q.shape and (k.grad == 0).all() and (v.grad == 0).all()
+
+
+def test_varlen_generous_max_seqlen_on_both_paths():
+    """``max_seqlen_k`` past the pattern's length is accepted alike on the rule and the mask path."""
+    rule = local_stride(2, 128, 16, local_blocks=2, vert_stride=3)
+    for pattern in (rule, from_mask(rule.block_mask(128), 16)):
+        cu = torch.tensor([0, 50, 120], dtype=torch.int32, device=DEVICE)
+        q, k, v = (torch.randn(120, 2, 16, device=DEVICE) for _ in range(3))
+        out = s2attn.sparse_attention_varlen(q, k, v, cu, cu, 4096, 4096, pattern)
+        ref = s2attn.reference_attention_varlen(q.double().cpu(), k.double().cpu(), v.double().cpu(), cu.cpu(),
+                                                cu.cpu(), pattern)
+        assert rel_err(out, ref.to(DEVICE)) <= 1e-4
+
+
 def test_varlen_packed():
     pattern = local_stride(4, 1024, 16, local_blocks=2, vert_stride=3, num_kv_heads=2)
     lens_q, lens_k = [1, 100, 37, 64], [50, 100, 90, 64]
