@@ -142,8 +142,8 @@ class DecodeBuffers:
 
     def __init__(self, max_batch: int, num_heads: int, num_kv_heads: int, head_dim: int, max_blocks_read: int,
                  device: torch.device, num_sms: int | None = None, num_splits: int | None = None):
-        if num_sms is None:
-            num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        if num_sms is None:  # no SMs to fill on the CPU (the interpreter): one split
+            num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
         self.num_heads, self.head_dim, self.fixed_splits = num_heads, head_dim, num_splits
         self._splits = {b: num_splits or choose_num_splits(b, num_kv_heads, max_blocks_read, num_sms)
                         for b in range(1, max_batch + 1)}
