@@ -141,7 +141,10 @@ _BOUNDS: dict[int, tuple] = {}  # id(cu_seqlens) -> (weak reference, in-place ve
 
 def boundaries(cu: torch.Tensor) -> list[int]:
     """``cu.tolist()``, read once per tensor and in-place version: a model passes the same
-    ``cu_seqlens`` to every layer, and each read from a GPU waits for it (a host sync)."""
+    ``cu_seqlens`` to every layer, and each read from a GPU waits for it (a host sync). Tensors made
+    under ``torch.inference_mode`` (vLLM's) keep no version counter: they are read every time."""
+    if cu.is_inference():
+        return cu.tolist()
     seen = _BOUNDS.get(id(cu))
     if seen is not None and seen[0]() is cu and seen[1] == cu._version:
         return seen[2]

@@ -35,7 +35,7 @@ _LOG2E = 1.4426950408889634
 def _decode_split_kernel(
     Q, K, V, PAGE_TABLE, SEQ_LENS, SLOTS, FIRST, DENSE, BLOCK_MASK, OUT, LSE,
     stride_qb, stride_qh,
-    stride_kp, stride_kn,
+    stride_kp, stride_kn, stride_kh,
     stride_ts, stride_th,
     stride_mh, stride_mq,
     stride_ob, stride_oh, stride_os,
@@ -91,7 +91,8 @@ def _decode_split_kernel(
         # absent pages are never read (masked loads issue no memory traffic); the token mask is
         # causality inside the query's own block
         n_ok = (kpos < n) & (page >= 0)
-        kv_off = tl.maximum(page, 0).to(tl.int64) * stride_kp + offs_n[:, None] * stride_kn + offs_d[None, :]
+        kv_off = (tl.maximum(page, 0).to(tl.int64) * stride_kp + kvh * stride_kh + offs_n[:, None] * stride_kn
+                  + offs_d[None, :])
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
         v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
@@ -176,8 +177,10 @@ def decode_attention(
 ) -> None:
     """Decode attention for one query token per batch row, into preallocated ``out`` / ``lse``.
 
-    ``q (batch, heads, d)``; ``k_pages, v_pages (pages, block, d)``; ``page_table`` int32
-    ``(slots, kv_heads, max_blocks)`` (physical page per logical key block, -1 absent);
+    ``q (batch, heads, d)``; ``k_pages, v_pages (pages, block, d)`` (a page per kv head), or
+    ``(pages, block, kv_heads, d)`` (a page holds every kv head, as vLLM's cache; any strides but
+    the last); ``page_table`` int32 ``(slots, kv_heads, max_blocks)`` (physical page per logical key
+    block, -1 absent; a table shared by the kv heads is an ``expand`` with stride 0 over them);
     ``seq_lens`` int32 ``(slots,)`` tokens cached per slot, the query's own included (the query
     sits at position ``seq_lens - 1``); ``slots`` int32 ``(batch,)`` slot of each row, -1 for a
     padding row (output 0, lse -inf). ``out (batch, heads, d)``, ``lse (batch, heads)`` fp32.
@@ -192,8 +195,9 @@ def decode_attention(
         raise ValueError(f"decode_attention runs a Triton kernel: q and the cache must be on a CUDA device "
                          f"(or set TRITON_INTERPRET=1 for the slow CPU interpreter), got {q.device}")
     batch, heads, head_dim = q.shape
-    num_pages, block, _ = k_pages.shape
+    block = k_pages.shape[1]
     kv_heads = page_table.shape[1]
+    stride_kh = k_pages.stride(2) if k_pages.dim() == 4 else 0  # 3-D: the table names a page per kv head
     group = heads // kv_heads
     splits = 1 if partial_out is None else partial_out.shape[2]
     for name, t in (("q", q), ("k_pages", k_pages), ("v_pages", v_pages), ("out", out)):
@@ -221,7 +225,7 @@ def decode_attention(
     _decode_split_kernel[(batch, kv_heads, splits)](
         q, k_pages, v_pages, page_table, seq_lens, slots, first, dense, mask_arg, dst_out, dst_lse,
         q.stride(0), q.stride(1),
-        k_pages.stride(0), k_pages.stride(1),
+        k_pages.stride(0), k_pages.stride(1), stride_kh,
         page_table.stride(0), page_table.stride(1),
         stride_mh, stride_mq,
         dst_out.stride(0), dst_out.stride(1), stride_os,
