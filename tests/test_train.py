@@ -79,8 +79,8 @@ def test_crafted_checkpoints_are_refused_and_run_nothing(run_dir, tmp_path):
     torch.load(crafted, weights_only=False)  # the payload is live: unpickling it runs code
     assert marker.exists()
     marker.unlink()
-    with pytest.raises(ValueError, match=r"checkpoint='.*checkpoint\.pt': refused, it holds more than tensors and plain "
-                                         r"values \(a pickle whose loading could run code"):
+    with pytest.raises(ValueError, match=r"checkpoint='.*checkpoint\.pt': refused, it holds more than tensors and "
+                                         r"plain values \(a pickle whose loading could run code"):
         needle.main(["--checkpoint", str(crafted), "--lengths", "64", "--samples", "1", "--out", str(tmp_path)])
     directory = tmp_path / "crafted"  # a save_pretrained look-alike whose weights are the pickle
     shutil.copytree(run_dir / "dense" / "checkpoint", directory)

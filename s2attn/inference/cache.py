@@ -117,6 +117,7 @@ class Step:
         self.max_new = max(new)
         self.max_total = max(c + n for c, n in zip(cached, new))
         self.decode_plan = None  # built by decode() on first use, shared by the step's layers
+        self.ending = False  # end_step() has begun: the step can only be finished, no longer undone
 
     @functools.cached_property
     def cu_seqlens_q(self) -> torch.Tensor:
@@ -272,10 +273,11 @@ class SparseKVCache:
         self.max_seqs, self.dtype = max_seqs, dtype
         self.device = torch.empty(0, device=device).device  # with its index ("cuda" -> "cuda:0"), as tensors have
         limit = min(p.max_seq_len for p in patterns)
-        self.max_seq_len = limit if max_seq_len is None else max_seq_len
-        if isinstance(self.max_seq_len, bool) or not isinstance(self.max_seq_len, int) or not 1 <= self.max_seq_len <= limit:
+        max_seq_len = limit if max_seq_len is None else max_seq_len
+        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or not 1 <= max_seq_len <= limit:
             raise ValueError(f"max_seq_len={max_seq_len!r}: expected an int in 1..{limit} (the patterns' shortest "
                              f"max_seq_len)")
+        self.max_seq_len = max_seq_len
         by_pattern: dict[int, list[int]] = {}
         for layer, p in enumerate(patterns):
             by_pattern.setdefault(id(p), []).append(layer)
@@ -380,6 +382,8 @@ class SparseKVCache:
         step = self.current_step
         if step is None:
             raise RuntimeError("abort_step() without begin_step()")
+        if step.ending:
+            raise RuntimeError("abort_step() after end_step() began (and was interrupted): call end_step() again")
         for g, idx, pages in reversed(self._undo):
             g.give_back(idx, pages)
         self._undo = []
@@ -394,6 +398,7 @@ class SparseKVCache:
         step = self.current_step
         if step is None:
             raise RuntimeError("end_step() without begin_step()")
+        step.ending = True  # evicting twice frees nothing twice, so an interrupted end_step() can be repeated
         slots, n0 = torch.tensor(step.slots), torch.tensor(step.cached)
         n1 = n0 + torch.tensor(step.new)
         for g in self._groups:

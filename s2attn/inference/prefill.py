@@ -65,7 +65,8 @@ def prefill_padded(cache: SparseKVCache, layer: int, q: torch.Tensor, k: torch.T
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side={padding_side!r}: expected 'left' or 'right'")
     # any padded length that holds the longest row; the expected shape names the shortest one
-    max_len = q.shape[1] if isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[1] >= step.max_new else step.max_new
+    padded = isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[1] >= step.max_new
+    max_len = q.shape[1] if padded else step.max_new
     for name, t, heads in (("q", q, cache.num_heads), ("k", k, cache.num_kv_heads), ("v", v, cache.num_kv_heads)):
         cache.check_input(name, t, (len(step.slots), max_len, heads, cache.head_dim))
     lens = torch.tensor(step.new, device=q.device)

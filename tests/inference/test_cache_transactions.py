@@ -150,6 +150,27 @@ def test_abort_without_a_step_and_explicit_abort():
     assert _same(_state(cache), before) and cache.current_step is None
 
 
+def test_an_interrupted_end_step_can_only_be_finished(monkeypatch):
+    """Once end_step() has begun freeing pages the step is committed: undoing it would hand pages out
+    twice. Interrupted, it is refused for abort_step() and completes when called again."""
+    cache = _cache()
+    a = cache.add_sequence()
+    cache.begin_step([a], 100)
+    dense_group = cache._groups[1]
+    evict = dense_group.evict
+    monkeypatch.setattr(dense_group, "evict", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        cache.end_step()
+    with pytest.raises(RuntimeError, match=r"abort_step\(\) after end_step\(\) began .* call end_step\(\) again"):
+        cache.abort_step()
+    monkeypatch.setattr(dense_group, "evict", evict)
+    cache.end_step()
+    assert cache.seq_len(a) == 100 and cache.current_step is None
+    for layer in range(3):
+        kept = s2attn.inference.kv_blocks_kept(cache.layer(layer)[3], H, HKV, 100).sum()
+        assert cache.pages_in_use(layer) == kept
+
+
 def test_a_handed_out_page_holds_zeros_not_its_former_owners_values():
     """Pages are zeroed when handed out: a step that forgot a layer (a caller's bug, not an exception)
     still shows no other sequence's values there."""
