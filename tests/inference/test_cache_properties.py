@@ -27,7 +27,7 @@ from kvsim import rel_err  # noqa: E402
 from s2attn.inference import SparseKVCache, append, decode, kv_blocks_kept, prefill  # noqa: E402
 
 MAX_LEN, D, LAYERS, MAX_SEQS = 320, 8, 3, 3
-SCHEDULES = 60  # hypothesis examples
+SCHEDULES = 150  # hypothesis examples
 SOAK_STEPS = 10_000
 STATS: collections.Counter = collections.Counter()
 
