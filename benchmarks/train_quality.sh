@@ -79,7 +79,7 @@ start=$(date +%s)
 PYTHONPATH=. "$PY" -m s2attn.train --variants dense,hhst,homo --task "$TASK" --loss "$LOSS" --seq-len "$SEQ" \
   --min-len "$MIN_LEN" --steps "$STEPS" --batch-size "$BATCH" --lr "$LR" --device "$DEVICE" --out "$WORK/train" "${MODEL[@]}"
 trained=$(date +%s)
-PYTHONPATH=. "$PY" -m s2attn.needle --checkpoint "$WORK"/train/{dense,hhst,homo}/checkpoint.pt \
+PYTHONPATH=. "$PY" -m s2attn.needle --checkpoint "$WORK"/train/{dense,hhst,homo}/checkpoint \
   --lengths "$NEEDLE_LENGTHS" --depths 5 --samples "$NEEDLE_SAMPLES" --device "$DEVICE" --out "$WORK/needle"
 done_at=$(date +%s)
 

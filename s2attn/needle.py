@@ -81,7 +81,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("needle", help="passkey retrieval heatmap over context lengths x needle depths",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", nargs="+", metavar="PATH",
-                   help="checkpoint(s) written by `s2attn train`; without it, a freshly built --variant model")
+                   help="checkpoint directories written by `s2attn train` (nothing in them is unpickled); without "
+                        "it, a freshly built --variant model")
     p.add_argument("--variant", default="hhst", choices=VARIANTS, help="model to build when no --checkpoint")
     p.add_argument("--lengths", default="1024,2048,4096,8192", help="comma-separated context lengths")
     p.add_argument("--depths", type=int, default=5, help="number of needle depths, evenly spaced in [0, 1]")

@@ -14,14 +14,24 @@ from .kernels import launch
 from .patterns import BlockPattern
 from .reference import reference_attention, reference_attention_varlen
 from .tables import block_tables
+from .validation import warn_once
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
 
 def use_kernel(q: torch.Tensor) -> bool:
-    """Triton on CUDA tensors (or anywhere under ``TRITON_INTERPRET=1``), for the kernel dtypes."""
-    return (q.is_cuda or launch.interpreting()) and q.dtype in KERNEL_DTYPES and q.shape[-1] <= MAX_HEAD_DIM
+    """Triton on CUDA tensors (or anywhere under ``TRITON_INTERPRET=1``), for the kernel dtypes and head
+    dims up to :data:`MAX_HEAD_DIM`; else the PyTorch reference (a head dim too large for the kernels
+    says so, once)."""
+    if not (q.is_cuda or launch.interpreting()) or q.dtype not in KERNEL_DTYPES:
+        return False
+    if q.shape[-1] > MAX_HEAD_DIM:
+        warn_once(f"head_dim={q.shape[-1]}", f"head_dim={q.shape[-1]}: the Triton kernels take head dims up to "
+                  f"{MAX_HEAD_DIM}, so s2attn runs the PyTorch reference instead (exact, but many times slower); "
+                  f"use heads of at most {MAX_HEAD_DIM} dims for the kernels")
+        return False
+    return True
 
 
 def _lower(pattern: BlockPattern, seq_len: int, device: torch.device, causal: bool):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)
+MAX_SEQ_LEN = 2**31 - 1  # positions are int32 in the kernels and the cache (cu_seqlens, seq_lens)
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,8 @@ class BlockPattern:
     ):
         if block_size not in BLOCK_SIZES:
             raise ValueError(f"block_size={block_size!r}: expected one of {BLOCK_SIZES}")
-        if max_seq_len < 1:
-            raise ValueError(f"max_seq_len={max_seq_len!r}: expected a positive number of tokens")
+        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or not 1 <= max_seq_len <= MAX_SEQ_LEN:
+            raise ValueError(f"max_seq_len={max_seq_len!r}: expected an int number of tokens in 1..{MAX_SEQ_LEN}")
         if (rule is None) == (mask is None):
             raise ValueError("a BlockPattern needs exactly one of rule= or mask=")
         if mask is not None:
@@ -192,7 +193,8 @@ class BlockPattern:
         n = self.num_blocks(seq_len)
         r = self.rule
         if r is None:
-            return self.block_mask(seq_len).sum(-1)
+            mask = self.block_mask(seq_len)
+            return (mask.tril() if self.causal else mask).sum(-1)  # a causal row reads no block past its own
         heads = torch.arange(self.pattern_heads)[:, None]
         i = torch.arange(n)[None, :]
         L, S = r.local_blocks, r.vert_stride
@@ -358,7 +360,7 @@ def local_stride(
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     for name, val in (("num_heads", num_heads), ("local_blocks", local_blocks), ("vert_stride", vert_stride),
                       ("num_kv_heads", num_kv_heads)):
-        if not isinstance(val, int) or val < 1:
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
             raise ValueError(f"{name}={val!r}: expected a positive int")
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")

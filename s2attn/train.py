@@ -2,8 +2,9 @@
 
 Every variant starts from the same initial weights (same seed, same shapes) and sees the
 same batches, so the loss curves differ only by the attention. Outputs under ``--out``:
-``<variant>/checkpoint.pt``, ``train_log.csv`` (one row per step), ``loss_curves.png``
-(when matplotlib is installed) and ``summary.json`` / ``summary.md``.
+``<variant>/checkpoint/`` (a ``save_pretrained`` directory: safetensors weights, nothing
+unpickled on loading), ``train_log.csv`` (one row per step), ``loss_curves.png`` (when
+matplotlib is installed) and ``summary.json`` / ``summary.md``.
 
 Variants: ``dense`` (PyTorch SDPA everywhere), ``hhst`` (``attn_implementation="s2attn"``,
 heterogeneous local-stride layers plus ``--dense-layers``), ``homo`` (the same with every head
@@ -19,6 +20,7 @@ import argparse
 import csv
 import json
 import math
+import pickle
 import sys
 import time
 from collections.abc import Iterator
@@ -33,6 +35,7 @@ VARIANTS = ("dense", "hhst", "homo")
 LOSSES = ("answer", "all")
 CSV_FIELDS = ("variant", "step", "seq_len", "tokens", "loss", "answer_acc", "lr", "elapsed_s")
 CURRICULUM_FRACTION = 0.5  # of the steps, spent growing the sequence length from --min-len
+RUN_FILE = "s2attn_run.json"  # beside a checkpoint's config.json: variant, step, attention, arguments
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -75,10 +78,11 @@ def build_model(config, device: str | torch.device):
 
 
 def save_checkpoint(path: Path, model, variant: str, step: int, args: argparse.Namespace) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"variant": variant, "step": step, "config": model.config.to_dict(),
-                "attn_implementation": model.config._attn_implementation, "args": plain_args(args),
-                "state_dict": model.state_dict()}, path)
+    """``model.save_pretrained(path)`` (config.json and safetensors weights) and :data:`RUN_FILE`."""
+    model.save_pretrained(path)
+    run = {"variant": variant, "step": step, "attn_implementation": model.config._attn_implementation,
+           "args": plain_args(args)}
+    (path / RUN_FILE).write_text(json.dumps(run, indent=1))
 
 
 def plain_args(args: argparse.Namespace) -> dict:
@@ -87,12 +91,30 @@ def plain_args(args: argparse.Namespace) -> dict:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
-    """``(model, variant)`` from a :func:`save_checkpoint` file, in eval mode."""
-    from transformers import LlamaConfig
+    """``(model, variant)`` in eval mode, from a :func:`save_checkpoint` directory (safetensors weights
+    only) or a ``checkpoint.pt`` of earlier versions (read with ``weights_only=True``). Nothing in a
+    checkpoint runs: a file that holds more than tensors and plain values is refused."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from .integrations import transformers as hf
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    path = Path(path)
+    if path.is_dir():
+        if not (path / RUN_FILE).is_file() or not any(path.glob("model*.safetensors")):
+            raise ValueError(f"checkpoint={str(path)!r}: expected a directory written by `s2attn train` ({RUN_FILE} "
+                             f"and model.safetensors beside config.json)")
+        run = json.loads((path / RUN_FILE).read_text())
+        if run["attn_implementation"] == hf.NAME:
+            hf.register()
+        model = LlamaForCausalLM.from_pretrained(path, attn_implementation=run["attn_implementation"],
+                                                 use_safetensors=True)
+        return model.to(device).eval(), run["variant"]
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"checkpoint={str(path)!r}: refused, it holds more than tensors and plain values (a pickle "
+                         f"whose loading could run code, or no torch.save file at all); checkpoints are `s2attn "
+                         f"train`'s save_pretrained directories") from None
     config = LlamaConfig.from_dict(ckpt["config"])
     if ckpt["attn_implementation"] == hf.NAME:
         hf.register()
@@ -196,11 +218,11 @@ def train_variant(variant: str, args: argparse.Namespace, out: Path, writer, tex
     _sync(device)
     progress.close()
     tokens_per_s = timed_tokens / (time.perf_counter() - t_timed) if timed_tokens else float("nan")
-    save_checkpoint(out / variant / "checkpoint.pt", model, variant, args.steps, args)
+    save_checkpoint(out / variant / "checkpoint", model, variant, args.steps, args)
     tail = max(1, args.steps // 10)
     row = {"variant": variant, "params": params, "steps": args.steps, "tokens": tokens,
            "final_loss": sum(losses[-tail:]) / tail, "final_answer_acc": sum(accs[-tail:]) / tail,
-           "tokens_per_s": tokens_per_s, "checkpoint": str(out / variant / "checkpoint.pt")}
+           "tokens_per_s": tokens_per_s, "checkpoint": str(out / variant / "checkpoint")}
     print(f"{variant}: final loss {row['final_loss']:.4f}, answer acc {row['final_answer_acc']:.3f}, "
           f"{tokens_per_s:,.0f} tokens/s ({params:,} params)", flush=True)
     return row

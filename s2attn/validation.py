@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -31,6 +32,17 @@ class Dims:
     heads: int
     kv_heads: int
     head_dim: int
+
+
+_WARNED: set[str] = set()  # keys of the warnings given in this process
+
+
+def warn_once(key: str, message: str) -> None:
+    """``warnings.warn(message)`` the first time ``key`` comes up in this process: for a fallback that
+    is correct but not what the user asked for, said once rather than at every call."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def check_tensor(name: str, x: object) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """The public API: results against the float64 reference, and every bad input rejected with a clear error."""
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,24 @@ def test_float64_only_on_cpu():
     q, k, v = (x.to("meta") for x in (q, k, v))
     with pytest.raises(TypeError, match="float64 is supported on the CPU only"):
         sparse_attention(q, k, v, pattern())
+
+
+def test_head_dims_past_the_kernels_warn_once(monkeypatch):
+    """Where the kernels run (here: the interpreter), a head dim they do not take falls back to the
+    reference with one warning that says so; the CPU's documented reference path stays silent."""
+    monkeypatch.setattr(s2attn.validation, "_WARNED", set())
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q, k, v = (torch.randn(1, 40, h, 264) for h in (HEADS, KV_HEADS, KV_HEADS))
+    with pytest.warns(UserWarning, match=r"head_dim=264: the Triton kernels take head dims up to 256, so s2attn "
+                                         r"runs the PyTorch reference"):
+        out = sparse_attention(q, k, v, pattern())
+    assert rel_err(out, reference_attention(q.double(), k.double(), v.double(), pattern())) < 1e-6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sparse_attention(q, k, v, pattern())  # once
+        assert s2attn.ops.use_kernel(q[..., :256])
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        assert not s2attn.ops.use_kernel(torch.randn(1, 1, 1, 300))
 
 
 def test_layout_named_in_dim_error():

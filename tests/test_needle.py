@@ -39,7 +39,7 @@ def test_needle_on_checkpoints_and_fresh_model(tmp_path):
            "--stride", "4", "--device", "cpu"]
     assert train.main([*toy, "--variants", "dense,hhst", "--seq-len", "128", "--steps", "1", "--batch-size", "1",
                        "--out", str(tmp_path / "run")]) == 0
-    ckpts = [str(tmp_path / "run" / v / "checkpoint.pt") for v in ("dense", "hhst")]
+    ckpts = [str(tmp_path / "run" / v / "checkpoint") for v in ("dense", "hhst")]
     out = tmp_path / "needle"
     grid = ["--lengths", "128,200", "--depths", "3", "--samples", "2", "--out", str(out)]
     assert needle.main([*grid, "--checkpoint", *ckpts]) == 0

@@ -234,6 +234,35 @@ def test_bad_constructor_arguments():
     assert BLOCK_SIZES == (16, 32, 64, 128, 256)
 
 
+def test_bools_and_oversized_lengths_are_refused_up_front():
+    """A bool is not a count (it used to reach a bool subtraction), and a length past int32 positions is
+    refused before anything sized by it (``repr`` alone used to allocate 137 GB at 2**40 tokens)."""
+    with pytest.raises(ValueError, match="local_blocks=True: expected a positive int"):
+        local_stride(4, 256, 16, True, 4)
+    with pytest.raises(ValueError, match="vert_stride=False"):
+        local_stride(4, 256, 16, 2, False)
+    for build in (lambda n: local_stride(4, n, 64, 4, 4), lambda n: dense(n, 64),
+                  lambda n: from_mask(torch.ones(4, 4, dtype=torch.bool), 16, max_seq_len=n)):
+        for n in (2**40, 0, True, 100.0):
+            message = rf"max_seq_len={n!r}: expected an int number of tokens in 1\.\.2147483647"
+            with pytest.raises(ValueError, match=message):
+                build(n)
+    assert local_stride(4, 2**31 - 1, 64, 4, 4).max_seq_len == 2**31 - 1
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_mask_density_counts_the_blocks_a_query_can_read(causal):
+    """A causal mask's blocks above the diagonal are never computed: an all-ones causal mask has density
+    1 (it read 2n / (n + 1), 1.88 at n = 16); random masks against a direct count."""
+    n = 16
+    assert from_mask(torch.ones(n, n, dtype=torch.bool), 16, causal=causal).density(n * 16) == 1.0
+    mask = torch.rand(3, n, n) < 0.4
+    p = from_mask(mask, 16, causal=causal)
+    counted = mask.tril() if causal else mask
+    assert torch.equal(p.blocks_per_row(n * 16), counted.sum(-1))
+    assert p.density(n * 16) == pytest.approx(counted.sum().item() / (3 * (n * (n + 1) // 2 if causal else n * n)))
+
+
 def test_shared_2d_mask_pattern():
     mask = dilated_mask(10, 3, 2).tril()
     p = from_mask(mask, 32)

@@ -3,13 +3,17 @@
 import csv
 import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
-from s2attn import train  # noqa: E402
+import safetensors.torch  # noqa: E402
+
+from s2attn import needle, train  # noqa: E402
 
 TOY = ["--seq-len", "160", "--steps", "4", "--batch-size", "2", "--layers", "2", "--d-model", "32", "--heads", "4",
        "--kv-heads", "2", "--block-size", "16", "--local", "2", "--stride", "4", "--dense-layers", "1",
@@ -46,16 +50,57 @@ def test_variants_share_initial_weights_and_data(run_dir):
 
 @pytest.mark.parametrize("variant", ["dense", "hhst", "homo"])
 def test_checkpoint_reloads(run_dir, variant):
-    model, name = train.load_checkpoint(run_dir / variant / "checkpoint.pt")
+    model, name = train.load_checkpoint(run_dir / variant / "checkpoint")
     assert name == variant
     expected = {"dense": "sdpa", "hhst": "s2attn", "homo": "s2attn"}[variant]
     assert model.config._attn_implementation == expected
     if variant != "dense":
         assert model.config.s2attn["homogeneous"] == (variant == "homo")
         assert model.config.s2attn["dense_layers"] == [1]
-    saved = torch.load(run_dir / variant / "checkpoint.pt", weights_only=False)["state_dict"]
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, saved[k])
+    saved = safetensors.torch.load_file(run_dir / variant / "checkpoint" / "model.safetensors")
+    state = model.state_dict()
+    assert len(saved) > 10 and all(torch.equal(state[k], v) for k, v in saved.items())
+
+
+class RunsCode:
+    """Pickles as a call to ``Path.touch(marker)``: loading it with ``weights_only=False`` creates the file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_crafted_checkpoints_are_refused_and_run_nothing(run_dir, tmp_path):
+    marker = tmp_path / "code-ran"
+    crafted = tmp_path / "checkpoint.pt"
+    torch.save({"variant": "dense", "payload": RunsCode(marker)}, crafted)
+    torch.load(crafted, weights_only=False)  # the payload is live: unpickling it runs code
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(ValueError, match=r"checkpoint='.*checkpoint\.pt': refused, it holds more than tensors and "
+                                         r"plain values \(a pickle whose loading could run code"):
+        needle.main(["--checkpoint", str(crafted), "--lengths", "64", "--samples", "1", "--out", str(tmp_path)])
+    directory = tmp_path / "crafted"  # a save_pretrained look-alike whose weights are the pickle
+    shutil.copytree(run_dir / "dense" / "checkpoint", directory)
+    (directory / "model.safetensors").unlink()
+    shutil.copy(crafted, directory / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"expected a directory written by `s2attn train` \(s2attn_run\.json and "
+                                         r"model\.safetensors"):
+        train.load_checkpoint(directory)
+    assert not marker.exists()
+
+
+def test_checkpoint_files_of_earlier_versions_still_load(run_dir, tmp_path):
+    """``checkpoint.pt`` as earlier versions wrote it (tensors and plain values): read with weights_only=True."""
+    model, _ = train.load_checkpoint(run_dir / "hhst" / "checkpoint")
+    legacy = tmp_path / "checkpoint.pt"
+    torch.save({"variant": "hhst", "step": 4, "config": model.config.to_dict(), "attn_implementation": "s2attn",
+                "args": {"steps": 4}, "state_dict": model.state_dict()}, legacy)
+    again, name = train.load_checkpoint(legacy)
+    assert name == "hhst" and again.config._attn_implementation == "s2attn"
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in again.state_dict().items())
 
 
 def test_train_on_text_files(tmp_path):

@@ -8,7 +8,8 @@ A step, for every layer::
             out = prefill(cache, layer, q, k, v)   # prompts or chunks: attention + write
             # or, one token per sequence:
             append(cache, layer, k, v); out = decode(cache, layer, q)
-    # leaving the block frees the pages no later query reads
+    # leaving the block frees the pages no later query reads; an exception escaping it (or
+    # cache.abort_step()) undoes the step in every layer: lengths, page tables, free lists
 
 For CUDA graphs, build a :class:`DecodePlan` once and call ``plan.append`` / ``plan.run``
 inside the captured region; ``cache.begin_step`` / ``end_step`` stay outside it.

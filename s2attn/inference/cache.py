@@ -27,6 +27,13 @@ any time; a slot in the step in progress cannot be removed). A step (``begin_ste
 slots: ``begin_step`` reserves pages in every layer at once — or raises before changing
 anything — then each layer writes its keys/values and attends, and ``end_step`` frees
 the pages the sequences have moved past.
+
+A step is a transaction: it completes for every layer or changes nothing. ``abort_step``
+(which ``with cache.step(...)`` calls on any exception, ``KeyboardInterrupt`` and errors of
+the caller's own model included) puts lengths, page tables and free lists back as they were.
+What a failed step wrote is never read: every read stops at the sequence's length, and a
+page is zeroed whenever it is handed out, so a new owner never sees a former owner's values
+even where it has not written yet.
 """
 
 from __future__ import annotations
@@ -110,6 +117,7 @@ class Step:
         self.max_new = max(new)
         self.max_total = max(c + n for c, n in zip(cached, new))
         self.decode_plan = None  # built by decode() on first use, shared by the step's layers
+        self.ending = False  # end_step() has begun: the step can only be finished, no longer undone
 
     @functools.cached_property
     def cu_seqlens_q(self) -> torch.Tensor:
@@ -174,11 +182,24 @@ class _PageGroup:
         s, h, w = need.nonzero(as_tuple=True)
         return slots[s], h, j[s, w]
 
-    def allocate(self, idx: tuple[torch.Tensor, ...]) -> None:
+    def allocate(self, idx: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Give blocks ``idx`` pages off the top of the free stack, zeroed in every layer's K and V pools
+        (no former owner's values stay readable); returns the pages, for :meth:`give_back`."""
         count = len(idx[0])
         pages = self.free[self.top - count : self.top].clone()
         self.top -= count
         self._set(idx, pages)
+        if count:
+            dev = pages.to(device=self.k.device, dtype=torch.long)
+            self.k.index_fill_(1, dev, 0)
+            self.v.index_fill_(1, dev, 0)
+        return pages
+
+    def give_back(self, idx: tuple[torch.Tensor, ...], pages: torch.Tensor) -> None:
+        """Undo :meth:`allocate`: the blocks lose their pages, which go back on the free stack in the
+        order they left it."""
+        self._set(idx, torch.full((len(pages),), -1, dtype=torch.int32))
+        self._push(pages)
 
     def evict(self, slots: torch.Tensor, n0: torch.Tensor, n1: torch.Tensor) -> None:
         """Free the pages of blocks no query at or after position ``n1`` reads."""
@@ -213,6 +234,8 @@ class SparseKVCache:
             and as many of V. :func:`kv_blocks_kept` gives the pages one sequence needs.
         max_seqs: sequence slots (rows of the page tables).
         dtype, device: of the pools.
+        max_seq_len: the longest sequence a step may make (refused before anything changes); default
+            and upper bound: the patterns' shortest ``max_seq_len``.
 
     State a kernel reads: ``seq_lens`` int32 ``(max_seqs,)`` on ``device``, and per layer
     :meth:`layer` = ``(k_pages, v_pages, page_table, pattern)``. A dense pattern (or dense heads)
@@ -233,6 +256,7 @@ class SparseKVCache:
         max_seqs: int,
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str = "cpu",
+        max_seq_len: int | None = None,
     ):
         patterns = [patterns] * num_layers if isinstance(patterns, BlockPattern) else list(patterns)
         pages = [num_pages] * num_layers if isinstance(num_pages, int) else list(num_pages)
@@ -246,8 +270,14 @@ class SparseKVCache:
                 raise ValueError(f"{name}={val!r}: expected a positive int")
         self.num_layers, self.num_heads, self.num_kv_heads = num_layers, num_heads, num_kv_heads
         self.head_dim = head_dim
-        self.max_seqs, self.dtype, self.device = max_seqs, dtype, torch.device(device)
-        self.max_seq_len = min(p.max_seq_len for p in patterns)
+        self.max_seqs, self.dtype = max_seqs, dtype
+        self.device = torch.empty(0, device=device).device  # with its index ("cuda" -> "cuda:0"), as tensors have
+        limit = min(p.max_seq_len for p in patterns)
+        max_seq_len = limit if max_seq_len is None else max_seq_len
+        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or not 1 <= max_seq_len <= limit:
+            raise ValueError(f"max_seq_len={max_seq_len!r}: expected an int in 1..{limit} (the patterns' shortest "
+                             f"max_seq_len)")
+        self.max_seq_len = max_seq_len
         by_pattern: dict[int, list[int]] = {}
         for layer, p in enumerate(patterns):
             by_pattern.setdefault(id(p), []).append(layer)
@@ -267,6 +297,7 @@ class SparseKVCache:
         self._active = [False] * max_seqs
         self._kv_index = torch.arange(num_kv_heads, device=self.device)
         self.current_step: Step | None = None
+        self._undo: list[tuple[_PageGroup, tuple[torch.Tensor, ...], torch.Tensor]] = []  # the step's allocations
 
     # ------------------------------------------------------------------ sequences
     def add_sequence(self) -> int:
@@ -304,7 +335,8 @@ class SparseKVCache:
 
         Reserves pages in every layer for the new tokens that a query of this step's last
         tokens or a later one will read. Raises ``RuntimeError`` when a pool is short of pages,
-        before anything is changed. Afterwards ``seq_lens`` counts the new tokens.
+        ``ValueError`` for a bad slot, count or length, before anything is changed. Afterwards
+        ``seq_lens`` counts the new tokens. Finish with :meth:`end_step`, or undo with :meth:`abort_step`.
         """
         if self.current_step is not None:
             raise RuntimeError("a step is already in progress; call end_step() first")
@@ -331,33 +363,61 @@ class SparseKVCache:
                     f"SparseKVCache out of pages: layers {g.layers} need {len(idx[0])} new pages, "
                     f"{g.top} of num_pages={g.num_pages} are free; nothing was written. Remove sequences "
                     f"or build the cache with more num_pages")
-        for g, idx in wanted:
-            g.allocate(idx)
-        for s, n in zip(slots, n1.tolist()):
-            self._lens[s] = n
-        self.seq_lens[slots_t.to(self.device)] = n1.to(device=self.device, dtype=torch.int32)
         self.current_step = Step(slots, cached, new, self.device)
+        try:
+            for g, idx in wanted:
+                self._undo.append((g, idx, g.allocate(idx)))
+            for s, n in zip(slots, n1.tolist()):
+                self._lens[s] = n
+            self.seq_lens[slots_t.to(self.device)] = n1.to(device=self.device, dtype=torch.int32)
+        except BaseException:
+            self.abort_step()
+            raise
         return self.current_step
+
+    def abort_step(self) -> None:
+        """Undo the step in progress: lengths, page tables and free lists return to their state before
+        :meth:`begin_step` (a page comes back to the free stack where it was taken). What the step wrote
+        is never read: reads stop at the lengths, and pages are zeroed when next handed out."""
+        step = self.current_step
+        if step is None:
+            raise RuntimeError("abort_step() without begin_step()")
+        if step.ending:
+            raise RuntimeError("abort_step() after end_step() began (and was interrupted): call end_step() again")
+        for g, idx, pages in reversed(self._undo):
+            g.give_back(idx, pages)
+        self._undo = []
+        for s, n in zip(step.slots, step.cached):
+            self._lens[s] = n
+        self.seq_lens[torch.tensor(step.slots, device=self.device)] = torch.tensor(step.cached, dtype=torch.int32,
+                                                                                   device=self.device)
+        self.current_step = None
 
     def end_step(self) -> None:
         """Finish the step: free, in every layer, the pages no later query reads."""
         step = self.current_step
         if step is None:
             raise RuntimeError("end_step() without begin_step()")
+        step.ending = True  # evicting twice frees nothing twice, so an interrupted end_step() can be repeated
         slots, n0 = torch.tensor(step.slots), torch.tensor(step.cached)
         n1 = n0 + torch.tensor(step.new)
         for g in self._groups:
             g.evict(slots, n0, n1)
+        self._undo = []
         self.current_step = None
 
     @contextlib.contextmanager
     def step(self, slots: Sequence[int], num_new_tokens: int | Sequence[int]) -> Iterator[Step]:
-        """``with cache.step(slots, n) as step:`` — :meth:`begin_step`, then :meth:`end_step` on exit."""
+        """``with cache.step(slots, n) as step:`` — :meth:`begin_step`, then :meth:`end_step` when the block
+        completes, or :meth:`abort_step` when anything (``KeyboardInterrupt`` included) escapes it."""
         step = self.begin_step(slots, num_new_tokens)
         try:
             yield step
-        finally:
-            self.end_step()
+        except BaseException:
+            if self.current_step is step:
+                self.abort_step()
+            raise
+        self.end_step()
 
     # ------------------------------------------------------------------ storage
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, BlockPattern]:
@@ -375,11 +435,8 @@ class SparseKVCache:
         reserved by :meth:`begin_step`; tokens of absent blocks land in the trash page. Device-only
         (no host sync), so it can be captured in a CUDA graph."""
         k_pages, v_pages, table, pattern = self.layer(layer)
-        shape = (slot.shape[0], self.num_kv_heads, self.head_dim)
         for name, t in (("k", k), ("v", v)):
-            if tuple(t.shape) != shape or t.dtype != self.dtype:
-                raise ValueError(f"{name}: expected shape {shape} and dtype {self.dtype}, got {tuple(t.shape)} "
-                                 f"{t.dtype}")
+            self.check_input(name, t, (slot.shape[0], self.num_kv_heads, self.head_dim))
         B = pattern.block_size
         live = slot >= 0
         slot, pos = slot.clamp(min=0).long(), pos.clamp(min=0).long()
@@ -388,6 +445,29 @@ class SparseKVCache:
         offset = (pos % B)[:, None].expand_as(page)
         k_pages.index_put_((page, offset), k)
         v_pages.index_put_((page, offset), v)
+
+    def gather(self, layer: int, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``(length, num_kv_heads, head_dim)`` of the first ``length`` tokens of ``slot``
+        in ``layer``, read from the pages; zeros in blocks that have no page (freed or never stored)."""
+        k_pages, v_pages, table, pattern = self.layer(layer)
+        nb = _cdiv(length, pattern.block_size)
+        pages = table[slot, :, :nb].long()  # (kv_heads, nb)
+        present = (pages >= 0)[:, :, None, None]
+        k, v = (torch.where(present, pool[pages.clamp(min=0)], 0)  # (kv_heads, nb, block, head_dim)
+                .reshape(self.num_kv_heads, nb * pattern.block_size, self.head_dim)[:, :length].transpose(0, 1)
+                for pool in (k_pages, v_pages))
+        return k, v
+
+    def check_input(self, name: str, t: object, shape: tuple[int, ...]) -> None:
+        """Raise unless ``t`` is a tensor of ``shape`` in the cache's dtype, on its device."""
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+        if t.dtype != self.dtype:
+            raise TypeError(f"{name}.dtype={t.dtype}: expected the cache's dtype {self.dtype}")
+        if t.device != self.device:
+            raise ValueError(f"{name} is on device {t.device}: expected the cache's device {self.device}")
 
     # ------------------------------------------------------------------ memory
     def pages_in_use(self, layer: int) -> int:

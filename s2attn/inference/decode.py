@@ -7,7 +7,8 @@ the per-kv-head rule parameters or the device block mask); :meth:`DecodePlan.run
 from ``cache.seq_lens``, so a decode step can be captured in a CUDA graph and replayed.
 The host bookkeeping (``cache.begin_step`` / ``end_step``: reserving and freeing pages) stays
 outside the graph; it copies page-table changes to the device, once every ``block_size``
-tokens of a sequence.
+tokens of a sequence. Where ``sparse_attention`` takes the PyTorch reference (off CUDA without
+``TRITON_INTERPRET=1``), so does decode: the same results, computed on the host.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from typing import Sequence
 
 import torch
 
+from .. import ops
 from ..kernels.decode import choose_num_splits, decode_attention
 from ..patterns import BlockPattern
+from ..reference import reference_attention
 from .cache import SparseKVCache, _current
 
 
@@ -110,16 +113,32 @@ class DecodePlan:
         """Attention of ``q (batch_size, num_heads, head_dim)`` — the newest token of each row's
         sequence — over that sequence's cache in ``layer``; call it between ``begin_step`` and
         ``end_step``. Returns ``out (batch_size, num_heads, head_dim)`` and, with ``return_lse``,
-        ``lse (batch_size, num_heads)`` fp32."""
+        ``lse (batch_size, num_heads)`` fp32. The Triton kernel runs where ``sparse_attention``'s
+        would (CUDA, or ``TRITON_INTERPRET=1``); elsewhere the PyTorch reference, exact but slow."""
         _current(self.cache)  # the newest token's blocks may be freed once its step ends
-        shape = (self.batch_size, self.cache.num_heads, self.cache.head_dim)
-        if tuple(q.shape) != shape or q.dtype != self.cache.dtype:
-            raise ValueError(f"q: expected shape {shape} and dtype {self.cache.dtype}, got {tuple(q.shape)} {q.dtype}")
-        k_pages, v_pages, table, _ = self.cache.layer(layer)
-        decode_attention(q, k_pages, v_pages, table, self.cache.seq_lens, self.slots, self.out, self.lse,
-                         softmax_scale=self.softmax_scale, partial_out=self._partial_out,
-                         partial_lse=self._partial_lse, **self._kernel[layer])
+        self.cache.check_input("q", q, (self.batch_size, self.cache.num_heads, self.cache.head_dim))
+        k_pages, v_pages, table, pattern = self.cache.layer(layer)
+        if ops.use_kernel(q):
+            decode_attention(q, k_pages, v_pages, table, self.cache.seq_lens, self.slots, self.out, self.lse,
+                             softmax_scale=self.softmax_scale, partial_out=self._partial_out,
+                             partial_lse=self._partial_lse, **self._kernel[layer])
+        else:
+            self._reference(layer, q, pattern)
         return (self.out, self.lse) if return_lse else self.out
+
+    def _reference(self, layer: int, q: torch.Tensor, pattern: BlockPattern) -> None:
+        """What the kernel computes, by :func:`s2attn.reference_attention` over each row's keys as
+        gathered from the pages (host work: not for CUDA graphs)."""
+        self.out.zero_()
+        self.lse.fill_(float("-inf"))  # padding rows and empty sequences
+        lens = self.cache.seq_lens.tolist()
+        for row, slot in enumerate(self.slots.tolist()):
+            if slot >= 0 and lens[slot] > 0:
+                k, v = self.cache.gather(layer, slot, lens[slot])
+                out, lse = reference_attention(q[row][None, None], k[None], v[None], pattern,
+                                               softmax_scale=self.softmax_scale, return_lse=True)
+                self.out[row] = out[0, 0]
+                self.lse[row] = lse[0, :, 0]
 
 
 def decode(cache: SparseKVCache, layer: int, q: torch.Tensor, *, plan: DecodePlan | None = None,

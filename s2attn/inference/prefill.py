@@ -20,18 +20,13 @@ from .cache import SparseKVCache, Step, _current, append
 def _with_cached(cache: SparseKVCache, layer: int, step: Step, k: torch.Tensor, v: torch.Tensor):
     """Packed ``(keys, values)`` of every step sequence: its cached tokens (from the pages, zeros
     where freed) followed by its new ones."""
-    k_pages, v_pages, table, pattern = cache.layer(layer)
-    B, kv_heads, d = pattern.block_size, cache.num_kv_heads, cache.head_dim
     keys, values = [], []
     start = 0
     for slot, cached, new in zip(step.slots, step.cached, step.new):
         if cached:
-            nb = -(-cached // B)
-            pages = table[slot, :, :nb].long()  # (kv_heads, nb)
-            present = (pages >= 0)[:, :, None, None]
-            for pool, dst in ((k_pages, keys), (v_pages, values)):
-                blocks = torch.where(present, pool[pages.clamp(min=0)], 0)  # (kv_heads, nb, B, d)
-                dst.append(blocks.reshape(kv_heads, nb * B, d)[:, :cached].transpose(0, 1))
+            k_cached, v_cached = cache.gather(layer, slot, cached)
+            keys.append(k_cached)
+            values.append(v_cached)
         keys.append(k[start : start + new])
         values.append(v[start : start + new])
         start += new
@@ -46,16 +41,12 @@ def prefill(cache: SparseKVCache, layer: int, q: torch.Tensor, k: torch.Tensor, 
     num_kv_heads, head_dim)``, sequence ``i`` of ``cache.begin_step(slots, num_new_tokens)`` at rows
     ``cu_seqlens_q[i]:cu_seqlens_q[i+1]`` (``step.cu_seqlens_q``). New token ``t`` of sequence ``i`` sits
     at absolute position ``cached_i + t`` and reads, through the layer's pattern, the cached keys and the
-    new ones up to itself. Returns ``out (total_new, num_heads, head_dim)``.
+    new ones up to itself. ``q, k, v`` are in the cache's dtype and on its device (checked before anything
+    is computed or written). Returns ``out (total_new, num_heads, head_dim)``.
     """
     step = _current(cache)
-    shapes = {"q": (step.total_new, cache.num_heads, cache.head_dim),
-              "k": (step.total_new, cache.num_kv_heads, cache.head_dim)}
-    shapes["v"] = shapes["k"]
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if tuple(t.shape) != shapes[name]:
-            raise ValueError(f"{name}: expected shape {shapes[name]} (the step's {step.total_new} new tokens), "
-                             f"got {tuple(t.shape)}")
+    for name, t, heads in (("q", q, cache.num_heads), ("k", k, cache.num_kv_heads), ("v", v, cache.num_kv_heads)):
+        cache.check_input(name, t, (step.total_new, heads, cache.head_dim))
     pattern = cache.layer(layer)[3]
     keys, values = _with_cached(cache, layer, step, k, v) if any(step.cached) else (k, v)
     out = sparse_attention_varlen(q, keys, values, step.cu_seqlens_q, step.cu_seqlens_k, step.max_new,
@@ -73,10 +64,11 @@ def prefill_padded(cache: SparseKVCache, layer: int, q: torch.Tensor, k: torch.T
     step = _current(cache)
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side={padding_side!r}: expected 'left' or 'right'")
-    batch, max_len = q.shape[:2]
-    if batch != len(step.slots) or max_len < step.max_new:
-        raise ValueError(f"q: shape {tuple(q.shape)} does not hold the step's {len(step.slots)} sequences of up to "
-                         f"{step.max_new} new tokens")
+    # any padded length that holds the longest row; the expected shape names the shortest one
+    padded = isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[1] >= step.max_new
+    max_len = q.shape[1] if padded else step.max_new
+    for name, t, heads in (("q", q, cache.num_heads), ("k", k, cache.num_kv_heads), ("v", v, cache.num_kv_heads)):
+        cache.check_input(name, t, (len(step.slots), max_len, heads, cache.head_dim))
     lens = torch.tensor(step.new, device=q.device)
     idx = torch.arange(max_len, device=q.device)[None, :]
     keep = idx < lens[:, None] if padding_side == "right" else idx >= (max_len - lens)[:, None]

@@ -29,8 +29,11 @@ Semantics, per batch row:
 
 Everything else (static caches, sliding windows, attention dropout, soft-capping, masks
 with holes, right padding during generation, beam search with :class:`S2Cache`) raises an
-error that names the argument. ``transformers`` does not save ``attn_implementation``:
-pass it again to ``from_pretrained`` (after :func:`register`).
+error that names the argument; sliding windows and soft-capping in the config already when
+an HHST config (:func:`s2attn.models.hhst_config`) or an :class:`S2Cache` is built.
+``transformers`` does not save ``attn_implementation``: pass it again to ``from_pretrained``
+(after :func:`register`). After :func:`register`, a model whose config carries ``s2attn``
+settings but runs ``"sdpa"`` (dense) warns once at its first forward.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from ..api import sparse_attention, sparse_attention_varlen
 from ..patterns import BlockPattern, dense, local_stride
-from ..validation import boundaries
+from ..validation import boundaries, warn_once
 
 NAME = "s2attn"
 DEFAULTS: dict[str, Any] = {
@@ -84,6 +87,20 @@ def s2attn_settings(config) -> dict[str, Any]:
             raise ValueError(f"config.{NAME}['layer_overrides'][{key!r}]={override!r}: expected a layer index in "
                              f"[0, {layers}) mapping to some of {list(_PATTERN_KEYS)}")
     return settings
+
+
+def check_model_config(config) -> None:
+    """Refuse the attention settings of ``config`` that s2attn cannot honour (sliding windows, soft-capping),
+    so that they fail when a model config or cache is built rather than at the first forward."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None) or []
+    if window is not None and (not layer_types or "sliding_attention" in layer_types):
+        raise ValueError(f"config.sliding_window={window!r}: attn_implementation={NAME!r} has no sliding window (its "
+                         f"local window is local_blocks); set config.sliding_window=None")
+    cap = getattr(config, "attn_logit_softcapping", None)
+    if cap is not None:
+        raise ValueError(f"config.attn_logit_softcapping={cap!r}: attn_implementation={NAME!r} does not soft-cap "
+                         f"attention scores; set it to None")
 
 
 def layer_pattern(config, layer_idx: int, seq_len: int, causal: bool = True) -> BlockPattern | None:
@@ -288,13 +305,13 @@ _CACHE_TAG = "_s2attn_cache"  # attribute S2Cache puts on the keys it hands to t
 
 
 class _S2Layer(CacheLayerMixin):
-    """One layer's view of an :class:`S2Cache`: it counts tokens; the paged cache holds them."""
+    """One layer's view of an :class:`S2Cache`: the owner counts tokens; the paged cache holds them."""
 
     supports_early_init = False
 
-    def __init__(self, owner: S2Cache):
+    def __init__(self, owner: S2Cache, index: int):
         super().__init__()
-        self.owner, self.seen = owner, 0
+        self.owner, self.index = owner, index
         self.is_initialized = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -303,21 +320,22 @@ class _S2Layer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         # The new keys go back to the attention function tagged with their cache: it writes them to the
         # pages and attends there (only it sees the padding mask that says which tokens are real).
-        self.seen += key_states.shape[2]
+        if self.index == 0:
+            self.owner._new_forward(key_states.shape[2])
         setattr(key_states, _CACHE_TAG, self.owner)
         return key_states, value_states
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
+        return self.owner.seen + query_length, 0
 
     def get_seq_length(self) -> int:
-        return self.seen
+        return self.owner.seen
 
     def get_max_length(self) -> int:
         return self.owner.max_seq_len
 
     def reset(self) -> None:
-        self.seen = 0
+        """Nothing per layer: :meth:`S2Cache.reset` forgets the sequences."""
 
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
         raise NotImplementedError("S2Cache does not support beam search (reorder_cache); use greedy or sampling")
@@ -337,9 +355,13 @@ class S2Cache(Cache):
         model.generate(input_ids, attention_mask=mask, past_key_values=cache, max_new_tokens=...)
 
     Prefill goes through :func:`s2attn.inference.prefill` (left padding honoured), one-token steps
-    through the paged decode kernel. ``num_pages`` (per layer, or one number) defaults to what
-    ``max_batch_size`` sequences of ``max_seq_len`` tokens can need. Beam search and assisted
-    decoding are refused. The paged cache itself is ``self.kv``.
+    through the paged decode kernel (the PyTorch reference off CUDA, as everywhere in s2attn).
+    ``num_pages`` (per layer, or one number) defaults to what ``max_batch_size`` sequences of
+    ``max_seq_len`` tokens can need, and may not be less: a sequence that would pass ``max_seq_len``
+    is refused (``ValueError``) before its step changes anything, never "out of pages" part-way.
+    Each forward is one cache step: one that fails part-way (an error between two layers) is undone
+    when the next forward starts. Beam search and assisted decoding are refused. The paged cache
+    itself is ``self.kv``.
     """
 
     def __init__(self, config, *, max_batch_size: int, max_seq_len: int | None = None,
@@ -350,22 +372,36 @@ class S2Cache(Cache):
         if config._attn_implementation != NAME:
             raise ValueError(f"config._attn_implementation={config._attn_implementation!r}: S2Cache needs a model "
                              f"built with attn_implementation={NAME!r}")
+        check_model_config(config)
         layers = config.num_hidden_layers
-        self.max_seq_len = int(max_seq_len or config.max_position_embeddings)
+        self.max_seq_len = config.max_position_embeddings if max_seq_len is None else max_seq_len
+        if isinstance(self.max_seq_len, bool) or not isinstance(self.max_seq_len, int) or self.max_seq_len < 1:
+            raise ValueError(f"max_seq_len={self.max_seq_len!r}: expected a positive int (default: "
+                             f"config.max_position_embeddings)")
         heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         block = s2attn_settings(config)["block_size"]
         patterns = [layer_pattern(config, i, self.max_seq_len) or
                     _dense_pattern(layer_pattern_len(config, self.max_seq_len), block, True) for i in range(layers)]
-        if num_pages is None:  # blocks a sequence keeps at the longest length, plus the one being filled, per kv head
-            num_pages = [max_batch_size * int(kv_blocks_kept(p, heads, kv_heads, self.max_seq_len).sum() + kv_heads)
-                         for p in patterns]
+        # blocks a sequence keeps at the longest length, plus the one being filled, per kv head
+        need = [max_batch_size * int(kv_blocks_kept(p, heads, kv_heads, self.max_seq_len).sum() + kv_heads)
+                for p in patterns]
+        pages = need if num_pages is None else [num_pages] * layers if isinstance(num_pages, int) else list(num_pages)
+        for layer, (have, want) in enumerate(zip(pages, need)):
+            if have < want:
+                raise ValueError(f"num_pages={num_pages!r}: layer {layer} gets {have} pages, but {max_batch_size} "
+                                 f"sequences of max_seq_len={self.max_seq_len} tokens can need {want}; give at least "
+                                 f"that many (the default), or a smaller max_seq_len")
         self.kv = SparseKVCache(patterns, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-                                num_pages=num_pages, max_seqs=max_batch_size, dtype=dtype, device=device)
+                                num_pages=pages, max_seqs=max_batch_size, dtype=dtype, device=device,
+                                max_seq_len=self.max_seq_len)
         self.slots: list[int] = []
         self._plans: dict = {}
         self._padded = False
-        super().__init__(layers=[_S2Layer(self) for _ in range(layers)])
+        self._seen = 0  # columns (padding included) of the forwards that completed every layer
+        self._open: int | None = None  # columns of the forward in progress
+        self._attended: set[int] = set()  # its layers that wrote and attended
+        super().__init__(layers=[_S2Layer(self, i) for i in range(layers)])
 
     @classmethod
     def for_model(cls, model, *, max_batch_size: int, max_seq_len: int | None = None,
@@ -387,16 +423,32 @@ class S2Cache(Cache):
         q, k, v = (x.transpose(1, 2) for x in (query, key, value))
         if seqlen_q == 1:
             append(self.kv, layer, k[:, 0].contiguous(), v[:, 0].contiguous())
-            return decode(self.kv, layer, q[:, 0].contiguous(), plan=self._plan(batch, scaling))[:, None].clone()
-        if self._padded:
-            return prefill_padded(self.kv, layer, q, k, v, padding_side="left", softmax_scale=scaling)
-        out = prefill(self.kv, layer, q.reshape(-1, heads, d), k.reshape(-1, k.shape[2], d),
-                      v.reshape(-1, v.shape[2], d), softmax_scale=scaling)
-        return out.view(batch, seqlen_q, heads, d)
+            out = decode(self.kv, layer, q[:, 0].contiguous(), plan=self._plan(batch, scaling))[:, None].clone()
+        elif self._padded:
+            out = prefill_padded(self.kv, layer, q, k, v, padding_side="left", softmax_scale=scaling)
+        else:
+            out = prefill(self.kv, layer, q.reshape(-1, heads, d), k.reshape(-1, k.shape[2], d),
+                          v.reshape(-1, v.shape[2], d), softmax_scale=scaling).view(batch, seqlen_q, heads, d)
+        self._attended.add(layer)
+        return out
+
+    @property
+    def seen(self) -> int:
+        """Columns (padding included) of the forwards that completed every layer: what transformers
+        counts as cached. A forward in progress, or one that failed, does not count."""
+        return self._seen + (self._open if len(self._attended) == len(self.layers) else 0)
+
+    def _new_forward(self, columns: int) -> None:
+        """Layer 0 of a new forward: finish the last one (its step ends if every layer attended, else
+        it failed part-way and is undone), then count this one's ``columns`` as in progress."""
+        complete = len(self._attended) == len(self.layers)
+        if self.kv.current_step is not None:
+            (self.kv.end_step if complete else self.kv.abort_step)()
+        if complete and self._open is not None:
+            self._seen += self._open
+        self._open, self._attended = columns, set()
 
     def _begin_step(self, batch: int, seqlen_q: int, attention_mask: torch.Tensor | None) -> None:
-        if self.kv.current_step is not None:
-            self.kv.end_step()  # the previous forward is over: free what no later query reads
         if not self.slots:
             self.slots = [self.kv.add_sequence() for _ in range(batch)]
         if len(self.slots) != batch:
@@ -420,19 +472,38 @@ class S2Cache(Cache):
     def reset(self) -> None:
         """Forget every sequence (the pages go back to the pools)."""
         if self.kv.current_step is not None:
-            self.kv.end_step()
+            self.kv.abort_step()
         for slot in self.slots:
             self.kv.remove_sequence(slot)
         self.slots, self._plans = [], {}
+        self._seen, self._open, self._attended = 0, None, set()
         super().reset()
 
 
 # ---------------------------------------------------------------------------------------------- registration
 def register() -> None:
-    """Make ``attn_implementation="s2attn"`` available to every ``transformers`` model (idempotent)."""
+    """Make ``attn_implementation="s2attn"`` available to every ``transformers`` model (idempotent), and
+    make ``"sdpa"`` warn once when it runs a model whose config carries ``s2attn`` settings (built or
+    loaded without ``attn_implementation="s2attn"``: dense attention, silently different results)."""
     AttentionInterface.register(NAME, s2attn_attention_forward)
     AttentionMaskInterface.register(NAME, padding_mask)
+    sdpa = AttentionInterface._global_mapping["sdpa"]
+    if not getattr(sdpa, "_s2attn_checks_config", False):
+        AttentionInterface.register("sdpa", _warning_when_config_is_s2attn(sdpa))
 
 
-__all__ = ["DEFAULTS", "NAME", "S2Cache", "layer_pattern", "padding_mask", "register", "s2attn_attention_forward",
-           "s2attn_settings"]
+def _warning_when_config_is_s2attn(sdpa):
+    @functools.wraps(sdpa)
+    def checked(module: torch.nn.Module, *args, **kwargs):
+        if getattr(getattr(module, "config", None), NAME, None):
+            warn_once("s2attn config under sdpa", f"{type(module).__name__}: config.{NAME} holds s2attn settings, but "
+                      f"the model runs attn_implementation='sdpa' (dense attention, different results); build or load "
+                      f"it with attn_implementation={NAME!r}, after s2attn.integrations.transformers.register()")
+        return sdpa(module, *args, **kwargs)
+
+    checked._s2attn_checks_config = True
+    return checked
+
+
+__all__ = ["DEFAULTS", "NAME", "S2Cache", "check_model_config", "layer_pattern", "padding_mask", "register",
+           "s2attn_attention_forward", "s2attn_settings"]

@@ -31,8 +31,10 @@ def hhst_config(
     ``num_dense_heads`` makes the last kv-head groups of the sparse layers dense. The settings
     are stored in ``config.s2attn`` (saved with ``save_pretrained``) and the attention
     implementation is set to ``"s2attn"`` (pass ``attn_implementation="s2attn"`` again to
-    ``from_pretrained``: ``transformers`` does not save it).
+    ``from_pretrained``: ``transformers`` does not save it; a model loaded without it warns once).
+    A base config with a sliding window or soft-capping is refused.
     """
+    hf.check_model_config(base_config)
     hf.register()
     config = copy.deepcopy(base_config)
     setattr(config, hf.NAME, {

@@ -20,17 +20,18 @@ class Driver:
     """A few layers of attention over one cache; ``self.keys[slot][layer]`` is the full (K, V)."""
 
     def __init__(self, patterns, *, num_layers: int, num_heads: int = 8, num_kv_heads: int = 2,
-                 head_dim: int = 16, num_pages: int = 64, max_seqs: int = 4, dtype=torch.float32, seed: int = 0):
+                 head_dim: int = 16, num_pages: int = 64, max_seqs: int = 4, dtype=torch.float32, seed: int = 0,
+                 device: str = DEVICE):
         self.cache = SparseKVCache(patterns, num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
                                    head_dim=head_dim, num_pages=num_pages, max_seqs=max_seqs, dtype=dtype,
-                                   device=DEVICE)
+                                   device=device)
         self.patterns = [self.cache.layer(i)[3] for i in range(num_layers)]
-        self.dtype, self.gen = dtype, torch.Generator().manual_seed(seed)
+        self.dtype, self.device, self.gen = dtype, device, torch.Generator().manual_seed(seed)
         self.keys: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.errors: list[float] = []
 
     def rand(self, *shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=self.gen).to(device=DEVICE, dtype=self.dtype)
+        return torch.randn(*shape, generator=self.gen).to(device=self.device, dtype=self.dtype)
 
     def add(self) -> int:
         slot = self.cache.add_sequence()

@@ -1,5 +1,7 @@
 """Prefill + decode through the paged cache equals the reference over the full keys, step by step."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -53,6 +55,21 @@ def test_serving_fp32(patterns):
     drv = Driver(patterns(), num_layers=2)
     serve(drv)
     assert max(drv.errors) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("patterns", [rule_patterns, mask_patterns], ids=["rule", "mask"])
+def test_serving_on_the_cpu_takes_the_reference(patterns, monkeypatch):
+    """Off CUDA without TRITON_INTERPRET=1, decode (like sparse_attention) runs the PyTorch reference over
+    the pages: the same results, no kernel launched; padding rows give 0 and lse -inf."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(importlib.import_module("s2attn.inference.decode"), "decode_attention", None)  # no launch
+    drv = Driver(patterns(), num_layers=2, device="cpu")
+    serve(drv)
+    assert max(drv.errors) <= TOL[torch.float32]
+    plan = DecodePlan(drv.cache, 3)
+    plan.set_slots([1, 0])
+    drv.step([1, 0], 1, plan=plan)
+    assert torch.all(plan.out[2] == 0) and torch.all(plan.lse[2] == float("-inf"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

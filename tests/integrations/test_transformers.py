@@ -1,6 +1,7 @@
 """attn_implementation="s2attn" against transformers' own eager attention under the expanded sparse mask."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -79,7 +80,9 @@ def test_training_matches_eager_under_expanded_mask(family):
         assert err < 1e-4, f"{family} grad {name}: relative error {err:.2e}"
     # the pattern really is sparse at this length and it changes the result
     assert hf.layer_pattern(model.config, 0, 201).density(201) < 0.6
-    dense_logits = twin(model, "sdpa")(x).logits
+    with warnings.catch_warnings():  # a dense twin on purpose: no "config carries s2attn settings" warning here
+        warnings.simplefilter("ignore", UserWarning)
+        dense_logits = twin(model, "sdpa")(x).logits
     assert (dense_logits - out.logits).abs().max() > 1e-2
 
 
@@ -241,3 +244,94 @@ def test_generate_with_sparse_paged_cache_matches_and_keeps_fewer_blocks(padded)
     assert cache.get_seq_length() == 0 and cache.kv.bytes_in_use() == 0
     with pytest.raises(ValueError, match="_attn_implementation"):
         S2Cache.for_model(twin(model, "sdpa"), max_batch_size=1)
+
+
+# ---------------------------------------------------------------------------------------------- no silent fallbacks
+def test_sliding_windows_and_softcapping_are_refused_when_built():
+    mistral = transformers.MistralConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                         num_key_value_heads=2, intermediate_size=128)  # sliding_window=4096
+    with pytest.raises(ValueError, match=r"config\.sliding_window=4096: attn_implementation='s2attn' has no sliding "
+                                         r"window .* set config\.sliding_window=None"):
+        hhst_config(mistral)
+    capped = tiny().config
+    capped.attn_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match=r"config\.attn_logit_softcapping=30\.0: .* does not soft-cap"):
+        hhst_config(capped)
+    with pytest.raises(ValueError, match=r"config\.attn_logit_softcapping=30\.0"):
+        hf.S2Cache(capped, max_batch_size=1)
+    qwen = tiny("qwen2").config  # sliding_window kept in the config but used by no layer: fine
+    qwen.sliding_window, qwen.layer_types = 64, ["full_attention"] * 3
+    hhst_config(qwen)
+
+
+def test_model_loaded_without_s2attn_warns_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(s2attn.validation, "_WARNED", set())
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    tiny().save_pretrained(tmp_path)
+    x = tokens(1, 40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        type(tiny()).from_pretrained(tmp_path, attn_implementation="s2attn")(x)  # the fix: silent
+    dense = type(tiny()).from_pretrained(tmp_path).eval()
+    assert dense.config._attn_implementation == "sdpa"
+    with pytest.warns(UserWarning, match=r"LlamaAttention: config\.s2attn holds s2attn settings, but the model runs "
+                                         r"attn_implementation='sdpa' .* load it with attn_implementation='s2attn'"):
+        dense(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        dense(x)  # once
+        hf.register()  # idempotent: sdpa is wrapped once
+        checked = AttentionInterface._global_mapping["sdpa"]
+        assert checked._s2attn_checks_config and not hasattr(checked.__wrapped__, "_s2attn_checks_config")
+
+
+def test_s2cache_on_the_cpu_takes_the_reference(monkeypatch):
+    """Without a GPU or the interpreter, generation with S2Cache runs (decode on the reference, as
+    sparse_attention does) and matches the default cache."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model = tiny()
+    prompt = tokens(2, 70)
+    kw = dict(max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    ref = model.generate(prompt, **kw)
+    out = model.generate(prompt, past_key_values=hf.S2Cache.for_model(model, max_batch_size=2, max_seq_len=128), **kw)
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(torch.stack(out.scores), torch.stack(ref.scores), rtol=1e-4, atol=1e-4)
+
+
+def test_s2cache_length_limits_are_refused_before_anything_changes(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model = tiny()
+    for bad in (0, True, 100.0):
+        with pytest.raises(ValueError, match=rf"max_seq_len={bad!r}: expected a positive int"):
+            hf.S2Cache.for_model(model, max_batch_size=1, max_seq_len=bad)
+    with pytest.raises(ValueError, match=r"num_pages=10: layer 0 gets 10 pages, but 2 sequences of max_seq_len=128 "
+                                         r"tokens can need \d+"):
+        hf.S2Cache.for_model(model, max_batch_size=2, max_seq_len=128, num_pages=10)
+    cache = hf.S2Cache.for_model(model, max_batch_size=1, max_seq_len=100)
+    with pytest.raises(ValueError, match=r"100 \+ 1 tokens exceed the cache's max_seq_len=100"):
+        model.generate(tokens(1, 90), past_key_values=cache, max_new_tokens=20, do_sample=False)
+    assert cache.get_seq_length() == cache.kv.seq_len(cache.slots[0]) == 100  # the refused step wrote nothing
+
+
+def test_s2cache_forward_that_fails_between_layers_is_undone(monkeypatch):
+    """A forward that raises between two layers leaves nothing behind: the next forward sees the cache as
+    if the failed one never ran (same logits as a cache that never saw it)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model = tiny()
+    prompt, junk, nxt = tokens(1, 50), tokens(1, 20, seed=5), tokens(1, 1, seed=6)
+
+    def run(fail: bool):
+        cache = hf.S2Cache.for_model(model, max_batch_size=1, max_seq_len=128)
+        model(prompt, past_key_values=cache, use_cache=True)
+        if fail:
+            hook = model.model.layers[1].mlp.register_forward_pre_hook(lambda *_: 1 / 0)
+            with pytest.raises(ZeroDivisionError):
+                model(junk, past_key_values=cache, use_cache=True)
+            hook.remove()
+        return model(nxt, past_key_values=cache, use_cache=True).logits, cache
+
+    ref, ref_cache = run(False)
+    out, cache = run(True)
+    torch.testing.assert_close(out, ref)
+    assert cache.get_seq_length() == ref_cache.get_seq_length() == 51
+    assert [cache.kv.pages_in_use(i) for i in range(3)] == [ref_cache.kv.pages_in_use(i) for i in range(3)]
