@@ -29,7 +29,7 @@ from s2attn.kernels import launch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOL = {"fp32": 1e-4, "bf16": 1e-2, "fp16": 1e-2}
 GPU_BUDGET = 2 * 10**8  # scores x heads of the float64 model at once (its autograd keeps a few such tensors)
-CPU_BUDGET = 2000  # scores x heads per 64 keys of a pattern block: about half a second a case in the interpreter
+CPU_BUDGET = 1000  # scores x heads per 64 keys of a pattern block: about a second a case at most, interpreted
 
 
 @dataclass(frozen=True)
