@@ -251,17 +251,12 @@ def run_case(case: Case, device: str) -> dict:
     out, lse = call(case, pattern, q, k, v, scale)
     _compare(errors, "out", out, ref_out, tol)
     _compare_lse(errors, lse, ref_lse, tol)
-    gen_grad = torch.Generator().manual_seed(case.seed + 1)
-    got, ref = [out], [ref_out]
-    d_got = [torch.randn(out.shape, generator=gen_grad, dtype=torch.float64)]
-    d_ref = [d_got[0]]
-    if case.lse:
-        got.append(lse)
-        ref.append(ref_lse)
-        d_lse = torch.randn(lse.shape, generator=gen_grad, dtype=torch.float64)
-        d_got.append(d_lse)
-        d_ref.append(torch.where(torch.isfinite(ref_lse), d_lse, 0.0))
-    d_got = [d.to(device=device, dtype=x.dtype) for d, x in zip(d_got, got)]
+    got, ref = ([out, lse], [ref_out, ref_lse]) if case.lse else ([out], [ref_out])
+    seeds = torch.Generator().manual_seed(case.seed + 1)
+    d_ref = [torch.randn(x.shape, generator=seeds, dtype=torch.float64).to(device) for x in got]
+    d_got = [d.to(x.dtype) for d, x in zip(d_ref, got)]
+    if case.lse:  # the model's rows with no key (lse -inf) take no lse gradient, as the library's
+        d_ref[1] = torch.where(torch.isfinite(ref_lse), d_ref[1], 0.0)
     grads = torch.autograd.grad(got, leaves, d_got, allow_unused=True)
     ref_grads = torch.autograd.grad(ref, model_leaves, d_ref, allow_unused=True)
     for name, x, g, r in zip("qkv", leaves, grads, ref_grads):
