@@ -65,6 +65,20 @@ class LocalStrideRule:
         allowed = local | vertical | self.is_dense(head)
         return allowed & (diff >= 0) if causal else allowed
 
+    def uncovered_offsets(self, head: torch.Tensor, n: int, causal: bool) -> list[int]:
+        """Offsets ``r`` such that key blocks ``j`` with ``j % vert_stride == r`` lie outside some query
+        block's window of ``n`` blocks, yet no head among ``head`` reads them (empty: union complete)."""
+        if bool(self.is_dense(head).any()) or n <= self.local_blocks:
+            return []
+        L, S = self.local_blocks, self.vert_stride
+        covered = set((-self.shift(head) % S).tolist())
+        # key blocks outside some query block's window: 0 .. n-1-L (the last query block looks back);
+        # bidirectional also L .. n-1 (the first query block looks ahead)
+        needed = set(range(min(S, n - L)))
+        if not causal:
+            needed |= {j % S for j in range(L, min(n, L + S))}
+        return sorted(needed - covered)
+
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
@@ -217,26 +231,27 @@ class BlockPattern:
 
     def is_union_complete(self, seq_len: int | None = None) -> bool:
         """For every query block, do the heads together cover every key block it could see?"""
+        return self.union_gap(seq_len) is None
+
+    def union_gap(self, seq_len: int | None = None) -> tuple[int, int] | None:
+        """``(query block, key block)``: a key block the query block may see but no head reads, or ``None``
+        when the pattern is union complete at ``seq_len`` (default ``max_seq_len``; closed form for rules)."""
         seq_len = self.max_seq_len if seq_len is None else seq_len
         n = self.num_blocks(seq_len)
         r = self.rule
         if r is not None:
-            heads = torch.arange(self.pattern_heads)
-            if bool(r.is_dense(heads).any()) or n <= r.local_blocks:
-                return True
-            L, S = r.local_blocks, r.vert_stride
-            residues = set((-r.shift(heads[~r.is_dense(heads)]) % S).tolist())
-            # key blocks outside some query block's window: 0 .. n-1-L (the last query block looks back);
-            # bidirectional also L .. n-1 (the first query block looks ahead)
-            needed = set(range(min(S, n - L)))
-            if not self.causal:
-                needed |= {j % S for j in range(L, min(n, L + S))}
-            return needed <= residues
-        union = self.block_mask(seq_len).any(0)
+            offsets = r.uncovered_offsets(torch.arange(self.pattern_heads), n, self.causal)
+            if not offsets:
+                return None
+            if offsets[0] < n - r.local_blocks:  # outside the last query block's window
+                return n - 1, offsets[0]
+            # bidirectional only: ahead of the first query block's window
+            return 0, next(j for j in range(r.local_blocks, n) if j % r.vert_stride == offsets[0])
         visible = torch.ones(n, n, dtype=torch.bool)
         if self.causal:
             visible = visible.tril()
-        return bool((union | ~visible).all())
+        missing = (visible & ~self.block_mask(seq_len).any(0)).nonzero()
+        return tuple(missing[0].tolist()) if len(missing) else None
 
     def is_kv_cache_efficient(self, seq_len: int | None = None) -> bool:
         """Per head, once a key block outside the local window is skipped by a query block,

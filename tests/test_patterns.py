@@ -117,6 +117,17 @@ def test_union_complete_bidirectional_matches_brute_force():
             assert p.is_union_complete(seq_len) == brute_union_complete(p, seq_len), (p, seq_len)
 
 
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("seq_len", [16 * 3, 16 * 5, 16 * 30 + 1])
+def test_union_gap_is_a_block_no_head_reads(name, seq_len):
+    p = build(CONFIGS[name], 16 * 40)
+    gap = p.union_gap(seq_len)
+    assert (gap is None) == brute_union_complete(p, seq_len)
+    if gap is not None:
+        q, k = gap
+        assert (k <= q or not p.causal) and not p.block_mask(seq_len)[:, q, k].any()
+
+
 def test_union_completeness_examples():
     seq = 64 * 512
     assert local_stride(32, seq, 64, 8, 16).is_union_complete()  # 32 heads cover 16 offsets
