@@ -1,4 +1,4 @@
-"""``s2attn bench``: the DESIGN.md benchmark protocol, s2attn beside the kernels users would use instead.
+"""``s2attn bench``: s2attn's kernels beside the ones users would use instead (README, "Performance").
 
 bf16, causal, batch 1, ``triton.testing.do_bench`` median (warm-up 25 ms, rep 100 ms) after a
 warm-up call; forward and backward timed separately (backward: the backward call alone, on a
@@ -15,7 +15,6 @@ Effective TFLOP/s counts the FLOPs of the blocks each provider must compute for 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -25,6 +24,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .cli import Parser, add_pattern_options, int_list, output_dir, pattern_options, positive_int
 from .patterns import BlockPattern, local_stride
 
 FWD_FLOPS_PER_PAIR = 4  # QK^T and PV, 2 FLOPs per multiply-add, times head_dim
@@ -219,24 +219,29 @@ def plot(rows: list[Row], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="s2attn bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--seqlens", default="8192,32768,131072")
-    p.add_argument("--providers", default="s2attn,sdpa-flash,sdpa-cudnn,flex-128,flex-same")
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--local", type=int, default=512, help="local window in tokens")
-    p.add_argument("--stride", type=int, default=16, help="vertical stride in blocks")
-    p.add_argument("--block-size", type=int, default=64)
+def build_parser() -> Parser:
+    p = Parser(prog="s2attn bench", description=__doc__)
+    p.add_argument("--seqlens", type=int_list, default="8192,32768,131072", metavar="TOKENS,...",
+                   help="comma-separated sequence lengths")
+    p.add_argument("--providers", default="s2attn,sdpa-flash,sdpa-cudnn,flex-128,flex-same",
+                   help="comma-separated providers (see above)")
+    p.add_argument("--heads", type=positive_int, default=32, help="query heads (= kv heads)")
+    p.add_argument("--head-dim", type=positive_int, default=128, help="head dimension")
+    add_pattern_options(p, local=512, stride=16, dense_kv_heads=False)
     p.add_argument("--quick", action="store_true", help="8k and 32k, s2attn and SDPA only")
     p.add_argument("--out", default="s2attn-bench", help="directory for results.json, results.md, plot.png")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    pattern_options(a, a.heads, a.heads)
     if not torch.cuda.is_available():
-        print("s2attn bench needs a CUDA GPU (the CPU runs the reference only).", file=sys.stderr)
+        print("s2attn bench: error: needs a CUDA GPU (the CPU runs the reference only)", file=sys.stderr)
         return 2
-    seqlens = [8192, 32768] if a.quick else [int(s) for s in a.seqlens.split(",")]
+    seqlens = [8192, 32768] if a.quick else a.seqlens
     providers = ["s2attn", "sdpa-flash", "sdpa-cudnn"] if a.quick else a.providers.split(",")
-    os.makedirs(a.out, exist_ok=True)
+    output_dir(a.out, "--out")
     rows = run(seqlens, a.heads, a.head_dim, a.local, a.stride, a.block_size, providers,
                os.path.join(a.out, "results.json"))
     md = table(rows)
@@ -255,4 +260,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli import main as cli_main
+
+    sys.exit(cli_main(["bench", *sys.argv[1:]]))
