@@ -65,20 +65,25 @@ def plot_heatmaps(grids: dict[str, torch.Tensor], lengths: Sequence[int], depths
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    width = max(3.5, 1.5 + 0.9 * len(lengths))
-    fig, axes = plt.subplots(1, len(grids), figsize=(width * len(grids), 1.2 + 0.5 * len(depths)), squeeze=False)
+    width = max(3.0, 1.0 + 0.9 * len(lengths))
+    fig, axes = plt.subplots(1, len(grids), figsize=(width * len(grids) + 1.2, 1.6 + 0.45 * len(depths)), squeeze=False,
+                             sharey=True, layout="constrained")  # depth labels once, on the left; nothing overlaps
+    cmap = plt.get_cmap("RdYlGn")
     for ax, (name, acc) in zip(axes[0], grids.items()):
-        im = ax.imshow(acc.T.numpy(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        im = ax.imshow(acc.T.numpy(), vmin=0, vmax=1, cmap=cmap, aspect="auto")
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
         ax.set_xlabel("context length (tokens)")
         for i in range(len(lengths)):
             for j in range(len(depths)):
-                ax.text(i, j, f"{acc[i, j]:.2f}", ha="center", va="center", fontsize=8)
-        ax.set_title(f"{name}\npasskey accuracy {acc.mean():.2f}")
+                r, g, b, _ = cmap(float(acc[i, j]))
+                dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5  # white text on dark red and dark green
+                ax.text(i, j, f"{acc[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if dark else "black")
+        ax.set_title(f"{name}\npasskey accuracy {acc.mean():.2f}", fontsize=10)
     axes[0, 0].set_ylabel("needle depth")
-    fig.colorbar(im, ax=axes[0].tolist())
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.colorbar(im, ax=axes[0].tolist(), label="passkey accuracy")
+    fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 

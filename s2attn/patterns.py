@@ -338,8 +338,10 @@ class BlockPattern:
                 f"max_seq_len={self.max_seq_len}, density@max={self.density(self.max_seq_len):.3f})\n"
                 f"  head 0, first {rows.shape[0]} blocks:\n{art}")
 
-    def plot(self, path: str, seq_len: int | None = None, max_heads: int = 16) -> str:
-        """Draw the block layout of up to ``max_heads`` heads (and their union) to a PNG."""
+    def plot(self, path: str, seq_len: int | None = None, max_heads: int = 8) -> str:
+        """Draw the pattern at ``seq_len`` tokens (default ``max_seq_len``) to a PNG: one head per kv-head
+        group (up to ``max_heads``, dense groups marked) and how many heads read each block (needs matplotlib;
+        :func:`s2attn.plotting.plot_pattern`)."""
         from .plotting import plot_pattern
 
         return plot_pattern(self, path, seq_len=seq_len, max_heads=max_heads)

@@ -256,16 +256,6 @@ def test_repr_is_readable():
     assert "mask" in repr(from_mask(torch.eye(4, dtype=torch.bool), 16))
 
 
-def test_plot_writes_png(tmp_path):
-    pytest.importorskip("matplotlib")
-    for p, name in [(local_stride(8, 1 << 20, 64, 8, 16, num_kv_heads=4), "big.png"),
-                    (from_mask(torch.rand(3, 9, 9) < 0.5, 16), "mask.png"),
-                    (dense(100, 16), "shared.png")]:
-        out = tmp_path / name
-        assert p.plot(out, max_heads=4) == str(out)
-        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
 def test_million_token_rule_is_closed_form():
     p = local_stride(32, 1 << 20, 64, 8, 16)
     assert isinstance(p, BlockPattern) and p.rule is not None
