@@ -91,40 +91,6 @@ def _sdpa(backend):
     return run
 
 
-def _flex_block_mask(pattern: BlockPattern, seqlen: int, device):
-    """A FlexAttention BlockMask for ``pattern`` at 128-token tiles, built from the block layout
-    (tiles fully inside the pattern are 'full'; tiles it covers partly carry the mask_mod)."""
-    from torch.nn.attention.flex_attention import BlockMask
-
-    tile = 128
-    layout = pattern.block_mask(seqlen).to(device)  # (hp, n, n)
-    B = pattern.block_size
-    f = max(1, tile // B)  # pattern blocks per flex tile
-    n_t = -(-seqlen // tile)
-    padded = torch.zeros(layout.shape[0], n_t * f, n_t * f, dtype=torch.bool, device=device)
-    padded[:, : layout.shape[1], : layout.shape[2]] = layout
-    sub = padded.view(layout.shape[0], n_t, f, n_t, f)
-    any_ = sub.any(4).any(2)
-    all_ = sub.all(4).all(2)
-    diag = torch.eye(n_t, dtype=torch.bool, device=device)
-    full = all_ & ~diag if pattern.causal else all_
-    partial = any_ & ~full
-
-    def csr(mask):
-        num = mask.sum(-1).to(torch.int32)[None]
-        idx = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True).to(torch.int32)[None]
-        return num, idx
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        hh = h if layout.shape[0] > 1 else 0
-        return layout[hh, q_idx // B, kv_idx // B] & (q_idx >= kv_idx)
-
-    num, idx = csr(partial)
-    full_num, full_idx = csr(full)
-    return BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=tile, mask_mod=mask_mod,
-                                    seq_lengths=(seqlen, seqlen))
-
-
 def run(seqlens, heads=32, head_dim=128, local=512, stride=16, block=64, providers=None, out=None,
         progress=print) -> list[Row]:
     providers = providers or ["s2attn", "sdpa-flash", "sdpa-cudnn", "flex-128", "flex-same"]
@@ -155,7 +121,7 @@ def run(seqlens, heads=32, head_dim=128, local=512, stride=16, block=64, provide
                     from torch.nn.attention.flex_attention import flex_attention
 
                     used = pat128 if name == "flex-128" else pat
-                    bm = _flex_block_mask(used, seqlen, dev)
+                    bm = used.to_flex_block_mask(seqlen, dev)
                     flex = torch.compile(flex_attention, dynamic=False)
                     fwd, bwd = _measure(lambda a, b, c: flex(a, b, c, block_mask=bm), qh, kh, vh)
                 pairs = _pairs(used, seqlen, heads)

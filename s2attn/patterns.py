@@ -346,6 +346,14 @@ class BlockPattern:
 
         return plot_pattern(self, path, seq_len=seq_len, max_heads=max_heads)
 
+    def to_flex_block_mask(self, seq_len: int, device: torch.device | str = "cpu"):
+        """This pattern as a FlexAttention ``BlockMask`` for ``seq_len`` queries and keys, so that
+        ``flex_attention(q, k, v, block_mask=..., enable_gqa=True)`` on ``bhsd`` tensors computes what
+        :func:`s2attn.sparse_attention` does (:func:`s2attn.flex.to_flex_block_mask`)."""
+        from .flex import to_flex_block_mask
+
+        return to_flex_block_mask(self, seq_len, device)
+
 
 def _count_congruent(a: torch.Tensor, b: torch.Tensor, S: int, shift: torch.Tensor) -> torch.Tensor:
     """Number of integers ``j`` in ``[a, b)`` with ``(j + shift) % S == 0`` (0 where ``b <= a``)."""
