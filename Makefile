@@ -1,5 +1,6 @@
-# The two set-up commands: `make demo` and `make test`. Both create .venv if needed and install the
-# package there; the install is redone only when pyproject.toml or this file changes (stamp file).
+# The two set-up commands: `make demo` and `make test` (`make test-quick`: a subset in a few minutes). Each
+# creates .venv if needed and installs the package there; the install is redone only when pyproject.toml or
+# this file changes (stamp file).
 #
 # CI pins torch to the CPU build this machine carries (fast, no CUDA download); the package itself
 # only asks for ranges. Override on the command line, e.g. `make test TORCH=torch==2.11.0`.
@@ -13,7 +14,7 @@ TRITON ?= triton==3.6.0
 NUMPY ?= numpy==2.2.6
 STAMP := $(VENV)/.s2attn-installed
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-quick clean
 
 install: $(STAMP)
 
@@ -32,6 +33,10 @@ demo: $(STAMP)
 # No GPU in CI: the Triton kernels run on the CPU under the interpreter.
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(VENV)/bin/python -m pytest -q
+
+# The tests marked `quick`: patterns, API, reference, command line, README, one kernel case per feature.
+test-quick: $(STAMP)
+	TRITON_INTERPRET=1 $(VENV)/bin/python -m pytest -q -m quick
 
 clean:
 	rm -rf $(VENV) s2attn-demo

@@ -15,6 +15,8 @@ import torch
 import s2attn
 from s2attn import cli
 
+pytestmark = pytest.mark.quick  # `make test-quick`
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -8,6 +8,8 @@ import torch
 from s2attn import SparseAttention, from_mask, local_stride
 from s2attn.coverage import NotUnionCompleteWarning, explain, nearest_union_complete, warn_if_incomplete
 
+pytestmark = pytest.mark.quick  # `make test-quick`
+
 SEQ = 1 << 17  # 2048 blocks of 64
 
 

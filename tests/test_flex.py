@@ -8,7 +8,7 @@ from s2attn import dense, from_mask, local_stride
 
 flex_attention = pytest.importorskip("torch.nn.attention.flex_attention").flex_attention
 # eager FlexAttention (the CPU's) is the unfused reference implementation: what these tests want
-pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+pytestmark = [pytest.mark.quick, pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SEQ = 300  # not a multiple of the 128-token tile
 

@@ -8,6 +8,8 @@ import torch
 from s2attn import BlockPattern, dense, from_mask, local_stride
 from s2attn.patterns import BLOCK_SIZES
 
+pytestmark = pytest.mark.quick  # `make test-quick`
+
 
 def rule_mask(heads, n, local, stride, *, num_kv_heads=None, homogeneous=False, num_dense_heads=0,
               head_step=None, head_offset=0, causal=True):

@@ -8,6 +8,8 @@ import torch
 from s2attn import dense, from_mask, local_stride
 from s2attn.plotting import _grids, shown_heads, tokens
 
+pytestmark = pytest.mark.quick  # `make test-quick`
+
 
 def test_one_head_per_kv_group_dense_group_kept():
     p = local_stride(32, 1 << 15, 64, 8, 8, num_kv_heads=8, num_dense_heads=1)
@@ -42,7 +44,7 @@ def test_token_labels():
 
 def test_plot_writes_png(tmp_path):
     pytest.importorskip("matplotlib")
-    for p, name in [(local_stride(8, 1 << 20, 64, 8, 16, num_kv_heads=4), "big.png"),
+    for p, name in [(local_stride(8, 1 << 16, 64, 8, 16, num_kv_heads=4), "gqa.png"),  # 1M: tests/test_cli.py
                     (from_mask(torch.rand(3, 9, 9) < 0.5, 16), "mask.png"),
                     (dense(100, 16), "shared.png"),
                     (local_stride(4, 1024, 16, 2, 4, causal=False, homogeneous=True), "bidirectional.png")]:
