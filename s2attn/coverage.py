@@ -59,7 +59,7 @@ def nearest_union_complete(pattern: BlockPattern, seq_len: int | None = None) ->
                 if f.name not in ("heads_per_group", "head_base")}
     sparse_groups = r.num_kv_heads - r.num_dense_heads
     heterogeneous = {"homogeneous": False} if r.homogeneous else {}
-    candidates = [{**heterogeneous, "vert_stride": min(r.vert_stride, sparse_groups), "head_step": 1}]
+    candidates = [{**heterogeneous, "vert_stride": max(1, min(r.vert_stride, sparse_groups)), "head_step": 1}]
     if r.num_dense_heads == 0 and r.num_kv_heads > 1:
         candidates.append({"num_dense_heads": 1})
     found = []

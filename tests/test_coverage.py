@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from s2attn import SparseAttention, from_mask, local_stride
+from s2attn import SparseAttention, dense, from_mask, local_stride
 from s2attn.coverage import NotUnionCompleteWarning, explain, nearest_union_complete, warn_if_incomplete
 
 pytestmark = pytest.mark.quick  # `make test-quick`
@@ -48,6 +48,7 @@ def test_nearest_settings_are_union_complete_cheapest_first():
     assert [c for c, _ in nearest_union_complete(local_stride(32, SEQ, 64, 8, 16, homogeneous=True))] == [
         {"homogeneous": False}, {"num_dense_heads": 1}]
     assert nearest_union_complete(local_stride(4, SEQ, 64, 8, 16, num_kv_heads=1)) == []  # MQA: only dense is left
+    assert nearest_union_complete(dense(SEQ, 64, num_heads=4)) == []
     assert nearest_union_complete(p.heads(4, 8)) == []  # a slice: its settings are the whole pattern's
 
 
