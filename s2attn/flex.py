@@ -45,7 +45,7 @@ def to_flex_block_mask(pattern, seq_len: int, device: torch.device | str = "cpu"
         allowed = reads(h, q_idx // B, kv_idx // B)
         return allowed & (kv_idx <= q_idx) if pattern.causal else allowed
 
-    blocks = torch.arange(tiles * f, device=device)
+    blocks = torch.arange(tiles * f, device=device, dtype=torch.int32)  # int32, as FlexAttention's own indices
     real = blocks < n
     any_read, all_read = [], []
     for h in range(pattern.pattern_heads):  # one head's (blocks x blocks) layout at a time
