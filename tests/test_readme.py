@@ -60,7 +60,8 @@ def test_serving_numbers(capsys):
 
     text = " ".join(section("Serving").split())
     claim = re.search(r"local (\d+), stride (\d+): union complete\) the pool holds ([\d,]+)–([\d,]+) tokens per kv "
-                      r"head, ([\d.]+)× the ideal `local \+ context / stride` = ([\d,]+), \*\*([\d.]+)% of a dense", text)
+                      r"head, ([\d.]+)× the ideal `local \+ context / stride` = ([\d,]+), \*\*([\d.]+)% of a dense",
+                      text)
     local, stride = int(claim[1]), int(claim[2])
     pattern = s2attn.local_stride(32, 131072, 64, local // 64, stride, num_kv_heads=8)
     assert pattern.is_union_complete()
@@ -70,9 +71,11 @@ def test_serving_numbers(capsys):
     assert f"{float(pool.double().mean()) / ideal:.2f}" == claim[5]
     assert f"{float(pool.double().mean()) / 131072:.1%}" == claim[7] + "%"
     fits = re.search(r"\*\*(\d+) sequences of 128k tokens in 80 GiB of KV memory versus (\d+) with a dense cache\*\*, "
-                     r"(\d+) versus (\d+) beside 14 GB of bf16 weights \((`s2attn patterns [^`]+`), and `([^`]+)`\)", text)
+                     r"(\d+) versus (\d+) beside 14 GB of bf16 weights \((`s2attn patterns [^`]+`), and `([^`]+)`\)",
+                     text)
     command = fits[5]
-    assert f"--stride {stride} " in command and f"sequences in 80 GiB {fits[1]} (dense {fits[2]})" in run(command, capsys)
+    assert f"--stride {stride} " in command
+    assert f"sequences in 80 GiB {fits[1]} (dense {fits[2]})" in run(command, capsys)
     weights = run(command.replace("--kv-memory 80", fits[6]), capsys)
     assert f"sequences in 66.96 GiB {fits[3]} (dense {fits[4]})" in weights
     assert abs(80 - 14e9 / 2**30 - 66.96) < 0.01
