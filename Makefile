@@ -1,5 +1,6 @@
-# The two set-up commands: `make demo` and `make test`. Both create .venv if needed and install the
-# package there; the install is redone only when pyproject.toml or this file changes (stamp file).
+# The two set-up commands: `make demo` and `make test` (`make test-quick`: a subset in a few minutes). Each
+# creates .venv if needed and installs the package there; the install is redone only when pyproject.toml or
+# this file changes (stamp file).
 #
 # CI pins torch to the CPU build this machine carries (fast, no CUDA download); the package itself
 # only asks for ranges. Override on the command line, e.g. `make test TORCH=torch==2.11.0`.
@@ -21,7 +22,7 @@ VLLM ?=
 STAMP := $(VENV)/.s2attn-installed
 VLLM_STAMP := $(VENV)/.s2attn-vllm-installed
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-quick clean
 
 install: $(STAMP) $(if $(VLLM),$(VLLM_STAMP))
 
@@ -45,6 +46,10 @@ demo: install
 # No GPU in CI: the Triton kernels run on the CPU under the interpreter.
 test: install
 	TRITON_INTERPRET=1 $(VENV)/bin/python -m pytest -q
+
+# The tests marked `quick`: patterns, API, reference, command line, README, one kernel case per feature.
+test-quick: $(STAMP)
+	TRITON_INTERPRET=1 $(VENV)/bin/python -m pytest -q -m quick
 
 clean:
 	rm -rf $(VENV) s2attn-demo

@@ -4,7 +4,8 @@
     python benchmarks/bench_decode.py --smoke --out smoke.json   # CPU, tiny shapes, Triton interpreter
 
 Decode (one layer, one new token per sequence, 32 query / 8 kv heads, d=128, bf16, local 512
-tokens, vertical stride 16, block 64) at 8k / 32k / 128k tokens of context, batch 1 and 32:
+tokens, vertical stride 8, block 64: the 8 kv heads' offsets cover all 8, so the pattern is union
+complete; README, "Choosing a pattern") at 8k / 32k / 128k tokens of context, batch 1 and 32:
 
 * ``s2attn sparse``: the decode kernel on the sparse cache (pages left after eviction);
 * ``s2attn dense pattern``: the same kernel on a dense pattern's cache (every page) — the
@@ -47,7 +48,7 @@ from s2attn.inference import (  # noqa: E402
     DecodePlan, SparseKVCache, append, kv_blocks_kept, prefill, sequences_that_fit,
 )
 
-FULL = dict(heads=32, kv_heads=8, head_dim=128, block=64, local=512, stride=16, dtype=torch.bfloat16,
+FULL = dict(heads=32, kv_heads=8, head_dim=128, block=64, local=512, stride=8, dtype=torch.bfloat16,
             contexts=[8192, 32768, 131072], batches=[1, 32], prefill=[32768, 131072], copy_bytes=2**30)
 SMOKE = dict(heads=8, kv_heads=2, head_dim=32, block=16, local=32, stride=4, dtype=torch.bfloat16,
              contexts=[256, 512], batches=[1, 2], prefill=[256, 512], copy_bytes=2**24)
@@ -227,11 +228,13 @@ def _flash_causal(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
 
-def capacity() -> dict:
-    """128k-token sequences whose KV cache fits in 80 GiB for a 7B-shaped model (32 layers, 32 query /
-    8 kv heads, d=128, bf16, every layer local 512 + stride 16), with and without 14 GB of weights."""
-    pattern = s2attn.local_stride(32, 131072, 64, 8, 16, num_kv_heads=8)
-    shape = dict(num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16)
+def capacity(cfg: dict) -> dict:
+    """128k-token sequences whose KV cache fits in 80 GiB for a 7B-shaped model (32 layers, ``cfg``'s heads,
+    head dim and pattern in every layer), with and without 14 GB of weights."""
+    pattern = s2attn.local_stride(cfg["heads"], 131072, cfg["block"], cfg["local"] // cfg["block"], cfg["stride"],
+                                  num_kv_heads=cfg["kv_heads"])
+    shape = dict(num_layers=32, num_heads=cfg["heads"], num_kv_heads=cfg["kv_heads"], head_dim=cfg["head_dim"],
+                 dtype=cfg["dtype"])
     return {"kv_only": sequences_that_fit(80 * 2**30, 131072, pattern, **shape),
             "after_bf16_weights": sequences_that_fit(80 * 2**30 - 14 * 10**9, 131072, pattern, **shape)}
 
@@ -260,7 +263,7 @@ def markdown(result: dict) -> str:
                      f"{r['bytes_per_s'] / 1e12:.2f} | {100 * r['bytes_per_s'] / copy:.0f}% | {speed} | {err} |")
     cap = result.get("capacity_7b_128k_80gib")
     if cap:
-        lines += ["", "128k-token sequences in 80 GiB, 7B shape (32 layers, 8 kv heads, d=128, bf16): "
+        lines += ["", "128k-token sequences in 80 GiB, 7B shape (32 layers, 32 query / 8 kv heads, d=128, bf16): "
                   f"s2attn {cap['kv_only']['sparse']} vs dense {cap['kv_only']['dense']} (KV only); "
                   f"{cap['after_bf16_weights']['sparse']} vs {cap['after_bf16_weights']['dense']} "
                   "beside 14 GB of bf16 weights."]
@@ -304,7 +307,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
     if not args.no_prefill:
         result["rows"] += prefill_rows(cfg, device)
-    result["capacity_7b_128k_80gib"] = capacity()
+    result["capacity_7b_128k_80gib"] = capacity(FULL)
     result["seconds"] = time.time() - start
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

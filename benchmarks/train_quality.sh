@@ -35,7 +35,7 @@
 # Default size: 4 layers, d_model 512, 8 heads of 64 (8 kv heads), 16.9M parameters; batch 4 x 8192
 # tokens (512 x 64 at the start of the curriculum) x 2000 steps = 65.5M training tokens per variant,
 # the same for all three; lr 2e-3 (the pilots' 3e-3 was for d_model 128; untested at this size).
-# HHST sparse layers: local 8 blocks of 64 (512 tokens) + every 8th block, one stride offset per kv
+# HHST sparse layers: local 512 tokens (8 blocks of 64) + every 8th block, one stride offset per kv
 # head (union complete), density 0.23 at 8k; layer 0 dense, so the retrieval (induction) step must
 # happen in sparse layers; up to 512 tokens the local window covers everything, so the variants
 # differ only in the last three curriculum stages (1024-4096) and at 8192. Measured on an H100 (with
@@ -59,7 +59,7 @@ WORK=${WORK:-$(mktemp -d)}
 SEQ=${SEQ:-8192} MIN_LEN=${MIN_LEN:-64} BATCH=${BATCH:-4} STEPS=${STEPS:-2000} LR=${LR:-2e-3}
 TASK=${TASK:-passkey} LOSS=${LOSS:-answer}
 D_MODEL=${D_MODEL:-512} LAYERS=${LAYERS:-4} HEADS=${HEADS:-8} KV_HEADS=${KV_HEADS:-8}
-DENSE_LAYERS=${DENSE_LAYERS:-0} LOCAL=${LOCAL:-8} STRIDE=${STRIDE:-8} BLOCK=${BLOCK:-64}
+DENSE_LAYERS=${DENSE_LAYERS:-0} LOCAL=${LOCAL:-512} STRIDE=${STRIDE:-8} BLOCK=${BLOCK:-64}
 NEEDLE_LENGTHS=${NEEDLE_LENGTHS:-1024,2048,4096,8192} NEEDLE_SAMPLES=${NEEDLE_SAMPLES:-10}
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu with a toy size checks this script without a GPU
 export DEVICE
@@ -125,7 +125,7 @@ for r in summary["results"]:
                  f"{r['tokens_per_s']:,.0f} | {ratio} |")
 a = summary["args"]
 lines += ["", f"Model: {a['layers']} layers, d_model {a['d_model']}, {a['heads']} heads / {a['kv_heads']} kv heads, "
-          f"dense layers [{a['dense_layers']}] in HHST, local {a['local']} blocks, stride {a['stride']} blocks, block "
+          f"dense layers {a['dense_layers']} in HHST, local {a['local']} tokens, stride {a['stride']} blocks, block "
           f"{a['block_size']}; batch {a['batch_size']} x {a['seq_len']} tokens (length curriculum from "
           f"{a['min_len'] or a['seq_len']}), {a['steps']} steps, lr {a['lr']}, "
           f"task {a['task']}, loss on {a['loss']} tokens, seed {a['seed']}. Final loss and answer accuracy: mean of the last 10% of steps. "

@@ -1,4 +1,4 @@
-"""``s2attn bench``: the DESIGN.md benchmark protocol, s2attn beside the kernels users would use instead.
+"""``s2attn bench``: s2attn's kernels beside the ones users would use instead (README, "Performance").
 
 bf16, causal, batch 1, ``triton.testing.do_bench`` median (warm-up 25 ms, rep 100 ms) after a
 warm-up call; forward and backward timed separately (backward: the backward call alone, on a
@@ -15,7 +15,6 @@ Effective TFLOP/s counts the FLOPs of the blocks each provider must compute for 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -25,6 +24,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .cli import Parser, add_pattern_options, int_list, output_dir, pattern_options, positive_int
 from .patterns import BlockPattern, local_stride
 
 FWD_FLOPS_PER_PAIR = 4  # QK^T and PV, 2 FLOPs per multiply-add, times head_dim
@@ -91,40 +91,6 @@ def _sdpa(backend):
     return run
 
 
-def _flex_block_mask(pattern: BlockPattern, seqlen: int, device):
-    """A FlexAttention BlockMask for ``pattern`` at 128-token tiles, built from the block layout
-    (tiles fully inside the pattern are 'full'; tiles it covers partly carry the mask_mod)."""
-    from torch.nn.attention.flex_attention import BlockMask
-
-    tile = 128
-    layout = pattern.block_mask(seqlen).to(device)  # (hp, n, n)
-    B = pattern.block_size
-    f = max(1, tile // B)  # pattern blocks per flex tile
-    n_t = -(-seqlen // tile)
-    padded = torch.zeros(layout.shape[0], n_t * f, n_t * f, dtype=torch.bool, device=device)
-    padded[:, : layout.shape[1], : layout.shape[2]] = layout
-    sub = padded.view(layout.shape[0], n_t, f, n_t, f)
-    any_ = sub.any(4).any(2)
-    all_ = sub.all(4).all(2)
-    diag = torch.eye(n_t, dtype=torch.bool, device=device)
-    full = all_ & ~diag if pattern.causal else all_
-    partial = any_ & ~full
-
-    def csr(mask):
-        num = mask.sum(-1).to(torch.int32)[None]
-        idx = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True).to(torch.int32)[None]
-        return num, idx
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        hh = h if layout.shape[0] > 1 else 0
-        return layout[hh, q_idx // B, kv_idx // B] & (q_idx >= kv_idx)
-
-    num, idx = csr(partial)
-    full_num, full_idx = csr(full)
-    return BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=tile, mask_mod=mask_mod,
-                                    seq_lengths=(seqlen, seqlen))
-
-
 def run(seqlens, heads=32, head_dim=128, local=512, stride=16, block=64, providers=None, out=None,
         progress=print) -> list[Row]:
     providers = providers or ["s2attn", "sdpa-flash", "sdpa-cudnn", "flex-128", "flex-same"]
@@ -155,7 +121,7 @@ def run(seqlens, heads=32, head_dim=128, local=512, stride=16, block=64, provide
                     from torch.nn.attention.flex_attention import flex_attention
 
                     used = pat128 if name == "flex-128" else pat
-                    bm = _flex_block_mask(used, seqlen, dev)
+                    bm = used.to_flex_block_mask(seqlen, dev)
                     flex = torch.compile(flex_attention, dynamic=False)
                     fwd, bwd = _measure(lambda a, b, c: flex(a, b, c, block_mask=bm), qh, kh, vh)
                 pairs = _pairs(used, seqlen, heads)
@@ -219,24 +185,29 @@ def plot(rows: list[Row], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="s2attn bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--seqlens", default="8192,32768,131072")
-    p.add_argument("--providers", default="s2attn,sdpa-flash,sdpa-cudnn,flex-128,flex-same")
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--local", type=int, default=512, help="local window in tokens")
-    p.add_argument("--stride", type=int, default=16, help="vertical stride in blocks")
-    p.add_argument("--block-size", type=int, default=64)
+def build_parser() -> Parser:
+    p = Parser(prog="s2attn bench", description=__doc__)
+    p.add_argument("--seqlens", type=int_list, default="8192,32768,131072", metavar="TOKENS,...",
+                   help="comma-separated sequence lengths")
+    p.add_argument("--providers", default="s2attn,sdpa-flash,sdpa-cudnn,flex-128,flex-same",
+                   help="comma-separated providers (see above)")
+    p.add_argument("--heads", type=positive_int, default=32, help="query heads (= kv heads)")
+    p.add_argument("--head-dim", type=positive_int, default=128, help="head dimension")
+    add_pattern_options(p, local=512, stride=16, dense_kv_heads=False)
     p.add_argument("--quick", action="store_true", help="8k and 32k, s2attn and SDPA only")
     p.add_argument("--out", default="s2attn-bench", help="directory for results.json, results.md, plot.png")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    pattern_options(a, a.heads, a.heads)
     if not torch.cuda.is_available():
-        print("s2attn bench needs a CUDA GPU (the CPU runs the reference only).", file=sys.stderr)
+        print("s2attn bench: error: needs a CUDA GPU (the CPU runs the reference only)", file=sys.stderr)
         return 2
-    seqlens = [8192, 32768] if a.quick else [int(s) for s in a.seqlens.split(",")]
+    seqlens = [8192, 32768] if a.quick else a.seqlens
     providers = ["s2attn", "sdpa-flash", "sdpa-cudnn"] if a.quick else a.providers.split(",")
-    os.makedirs(a.out, exist_ok=True)
+    output_dir(a.out, "--out")
     rows = run(seqlens, a.heads, a.head_dim, a.local, a.stride, a.block_size, providers,
                os.path.join(a.out, "results.json"))
     md = table(rows)
@@ -255,4 +226,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli import main as cli_main
+
+    sys.exit(cli_main(["bench", *sys.argv[1:]]))

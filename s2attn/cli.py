@@ -1,14 +1,27 @@
-"""The ``s2attn`` command: ``demo``, ``patterns``, ``bench``, and subcommands contributed by feature modules."""
+"""The ``s2attn`` command: ``demo``, ``patterns``, ``bench``, and subcommands contributed by feature modules.
+
+Every subcommand takes its pattern in the same units (:func:`add_pattern_options`): ``--local`` in
+tokens, ``--stride`` as "every N-th key block", ``--block-size`` in tokens. A bad value ends the
+command with one line naming the option (exit code 2): argparse's own checks through
+:class:`Parser`, the checks that need several options through :class:`UsageError`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
+import importlib.util
 import os
 import sys
+import textwrap
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+
+from . import __version__
+from .patterns import BLOCK_SIZES
 
 # Subcommands defined in other modules: name -> (module, one-line help). The module defines
 # ``add_parser(subparsers) -> argparse.ArgumentParser``, which adds the subcommand under the same name
@@ -19,19 +32,145 @@ FEATURE_COMMANDS: dict[str, tuple[str, str]] = {
     "needle": ("s2attn.needle", "passkey retrieval accuracy over context lengths x needle depths"),
 }
 
-# The paper's default S2 configuration (DESIGN.md, benchmark protocol).
+# The paper's default S2 configuration (README, "Performance").
 DEFAULT_HEADS, DEFAULT_BLOCK, DEFAULT_LOCAL_TOKENS, DEFAULT_STRIDE = 32, 64, 512, 16
 
 
+# ---------------------------------------------------------------- parsing
+class UsageError(Exception):
+    """A bad command-line value found after parsing: :func:`main` prints ``s2attn COMMAND: error: MESSAGE``
+    on one line and returns 2. The message names the option, its value and what was expected."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Docstring descriptions as written; every option's default appended to its help (options whose
+    default is ``None`` say in words what they default to)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or any(action.default is x for x in (None, False, argparse.SUPPRESS)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """``argparse`` with :class:`HelpFormatter` and one-line errors (exit code 2)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """``argparse`` type: an integer >= 1."""
+    value = int(text) if text.strip().lstrip("+-").isdigit() else 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
+    return value
+
+
+def int_list(text: str) -> list[int]:
+    """``argparse`` type: comma-separated integers (empty allowed)."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers") from None
+
+
+def existing_file(text: str) -> str:
+    """``argparse`` type: a path to an existing file."""
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text!r}: no such file")
+    return text
+
+
+def existing_path(text: str) -> str:
+    """``argparse`` type: a path to an existing file or directory."""
+    if not Path(text).exists():
+        raise argparse.ArgumentTypeError(f"{text!r}: no such file or directory")
+    return text
+
+
+def torch_device(text: str) -> str:
+    """``argparse`` type: a torch device this machine has (``cpu``, ``cuda``, ``cuda:1``)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a torch device such as cpu or cuda") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine (torch "
+                                             f"{torch.__version__}); expected cpu")
+        if (device.index or 0) >= count:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA device(s)")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text!r}: expected cpu or cuda")
+    return text
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def output_dir(path: str | os.PathLike, option: str) -> Path:
+    """Create directory ``path`` (and its parents) for the output option ``option``, or raise :class:`UsageError`."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{option}={str(path)!r}: cannot create this directory ({e.strerror or e})") from None
+    return Path(path)
+
+
+def add_pattern_options(p: argparse.ArgumentParser, *, local: int, stride: int, dense_kv_heads: bool = True) -> None:
+    """The local-stride options every subcommand shares, in the same units everywhere."""
+    g = p.add_argument_group("pattern (local-stride, README: Choosing a pattern)")
+    g.add_argument("--block-size", type=int, default=DEFAULT_BLOCK, choices=BLOCK_SIZES, metavar="TOKENS",
+                   help=f"tokens per block, one of {', '.join(map(str, BLOCK_SIZES))}")
+    g.add_argument("--local", type=positive_int, default=local, metavar="TOKENS",
+                   help="local window in tokens, a multiple of --block-size")
+    g.add_argument("--stride", type=positive_int, default=stride, metavar="N",
+                   help="vertical stride: every N-th key block, the offset rotated across kv-head groups")
+    if dense_kv_heads:
+        g.add_argument("--dense-kv-heads", type=int, default=0, metavar="N",
+                       help="the last N kv heads, with all their query heads, attend densely")
+
+
+def pattern_options(args: argparse.Namespace, heads: int, kv_heads: int) -> dict:
+    """The :func:`s2attn.local_stride` keyword arguments of :func:`add_pattern_options` (``block_size``,
+    ``local_blocks``, ``vert_stride``, ``num_dense_heads``), checked against each other and the head counts."""
+    if heads % kv_heads:
+        raise UsageError(f"--kv-heads={kv_heads}: expected a divisor of --heads={heads}")
+    if args.local % args.block_size:
+        raise UsageError(f"--local={args.local}: expected a multiple of --block-size={args.block_size} (tokens)")
+    settings = dict(block_size=args.block_size, local_blocks=args.local // args.block_size, vert_stride=args.stride)
+    if hasattr(args, "dense_kv_heads"):
+        if not 0 <= args.dense_kv_heads <= kv_heads:
+            raise UsageError(f"--dense-kv-heads={args.dense_kv_heads}: expected 0 to --kv-heads={kv_heads}")
+        settings["num_dense_heads"] = args.dense_kv_heads
+    return settings
+
+
 # ---------------------------------------------------------------- pattern figures
+# local_stride arguments as the options that set them, for the settings `patterns` suggests
+OPTION_OF = {"vert_stride": "--stride", "head_step": "--head-step", "num_dense_heads": "--dense-kv-heads"}
+
+
 def describe(pattern, seq_len: int) -> list[str]:
-    """The figures ``demo`` and ``patterns`` print for ``pattern`` at a context of ``seq_len`` tokens.
+    """The figures ``demo`` and ``patterns`` print for ``pattern`` at a context of ``seq_len`` tokens; when
+    it is not union complete, why, and the nearest settings that are (with what they cost).
 
     Everything here is closed form for rule patterns: a million tokens take milliseconds.
     """
+    from .coverage import explain, nearest_union_complete
+
     B = pattern.block_size
     n = pattern.num_blocks(seq_len)
     last_row = pattern.blocks_per_row(seq_len)[:, -1].float()
+    why = explain(pattern, seq_len)
     yes_no = lambda b: "yes" if b else "no"  # noqa: E731
     lines = [
         repr(pattern).splitlines()[0],
@@ -39,11 +178,20 @@ def describe(pattern, seq_len: int) -> list[str]:
         f"  density              {pattern.density(seq_len):.2%} of the {'causal ' if pattern.causal else ''}"
         f"blocks computed (dense attention: 100%)",
         f"  last query block     reads {_min_mean_max(last_row, '{:.0f}')} of {n:,} key blocks (min/mean/max over heads)",
-        f"  union complete       {yes_no(pattern.is_union_complete(seq_len))}"
+        f"  union complete       {yes_no(why is None)}"
         f"  (the heads together cover every key block each query block may see)",
-        f"  KV-cache efficient   {yes_no(pattern.is_kv_cache_efficient(seq_len))}"
-        f"  (a key block a head skips once is never read by that head again)",
     ]
+    if why is not None:
+        lines += textwrap.wrap(f"why: {why}", 110, initial_indent=" " * 23, subsequent_indent=" " * 28)
+        nearest = nearest_union_complete(pattern, seq_len)
+        lines.append(" " * 23 + ("union complete instead:" if nearest else
+                                 "no union-complete local-stride setting short of dense attention"))
+        for change, alt in nearest:
+            options = " ".join("without --homogeneous" if k == "homogeneous" else f"{OPTION_OF[k]} {v}"
+                               for k, v in change.items())
+            lines.append(f"{' ' * 25}{options}  ({_cost(alt, seq_len)})")
+    lines.append(f"  KV-cache efficient   {yes_no(pattern.is_kv_cache_efficient(seq_len))}"
+                 f"  (a key block a head skips once is never read by that head again)")
     if pattern.causal:
         kept = pattern.kv_tokens_kept(seq_len).double()
         lines.append(f"  KV tokens kept/head  {_min_mean_max(kept, '{:,.0f}')} tokens = "
@@ -53,52 +201,86 @@ def describe(pattern, seq_len: int) -> list[str]:
     return lines
 
 
+def _cost(pattern, seq_len: int) -> str:
+    """Density, and for causal patterns the KV tokens a head keeps, at ``seq_len`` tokens."""
+    text = f"density {pattern.density(seq_len):.2%}"
+    if pattern.causal:
+        text += f", KV kept/head {float(pattern.kv_tokens_kept(seq_len).double().mean()) / seq_len:.1%} of dense"
+    return text
+
+
 def _min_mean_max(x: torch.Tensor, fmt: str) -> str:
     return " / ".join(fmt.format(float(v)) for v in (x.min(), x.mean(), x.max()))
+
+
+def kv_capacity(pattern, seq_len: int, layers: int, heads: int, kv_heads: int, head_dim: int,
+                memory_gib: float) -> list[str]:
+    """What one ``seq_len``-token sequence's KV cache takes with ``pattern`` in every layer (bf16), and
+    how many such sequences fit in ``memory_gib`` GiB, against a dense cache."""
+    from .inference import sequences_that_fit
+
+    fit = sequences_that_fit(int(memory_gib * 2**30), seq_len, pattern, num_layers=layers, num_heads=heads,
+                             num_kv_heads=kv_heads, head_dim=head_dim)
+    return [f"  KV cache/sequence    {fit['bytes_per_sequence_sparse'] / 2**30:.2f} GiB (dense "
+            f"{fit['bytes_per_sequence_dense'] / 2**30:.2f} GiB): {layers} layers x {kv_heads} kv heads x "
+            f"head_dim {head_dim}, bf16",
+            f"  sequences in {memory_gib:g} GiB  {fit['sparse']:,} (dense {fit['dense']:,}), KV cache only"]
 
 
 # ---------------------------------------------------------------- s2attn patterns
 def _add_patterns(sub) -> None:
     p = sub.add_parser("patterns", help="print density, union completeness and KV-cache figures of a pattern",
                        description="Print the figures of a local-stride pattern at one context length "
-                                   "(closed form: a million tokens answer in seconds).")
-    p.add_argument("--heads", type=int, default=DEFAULT_HEADS, help="query heads (default %(default)s)")
-    p.add_argument("--kv-heads", type=int, default=None, help="kv heads for GQA/MQA (default: --heads)")
-    p.add_argument("--seq-len", type=int, default=131072, help="context length in tokens (default %(default)s)")
-    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK, help="tokens per block (default %(default)s)")
-    p.add_argument("--local", type=int, default=DEFAULT_LOCAL_TOKENS,
-                   help="local window in tokens, a multiple of --block-size (default %(default)s)")
-    p.add_argument("--stride", type=int, default=DEFAULT_STRIDE,
-                   help="vertical stride in blocks: every stride-th key block (default %(default)s)")
-    p.add_argument("--dense-heads", type=int, default=0, help="kv-head groups that attend densely (default 0)")
-    p.add_argument("--head-step", type=int, default=None, help="stride offset step between kv-head groups")
-    p.add_argument("--head-offset", type=int, default=0, help="stride offset of group 0 (default 0)")
+                                   "(closed form: a million tokens answer in seconds). When the pattern is "
+                                   "not union complete, say why and which settings nearby are.")
+    p.add_argument("--heads", type=positive_int, default=DEFAULT_HEADS, help="query heads")
+    p.add_argument("--kv-heads", type=positive_int, default=None, help="kv heads for GQA/MQA (default: --heads)")
+    p.add_argument("--seq-len", type=positive_int, default=131072, metavar="TOKENS", help="context length")
+    add_pattern_options(p, local=DEFAULT_LOCAL_TOKENS, stride=DEFAULT_STRIDE)
+    p.add_argument("--head-step", type=int, default=None, metavar="N",
+                   help="stride offset step between kv-head groups (default: max(1, --stride / --kv-heads))")
+    p.add_argument("--head-offset", type=int, default=0, metavar="N", help="stride offset of kv-head group 0")
     p.add_argument("--homogeneous", action="store_true", help="the same stride offset for every head")
     p.add_argument("--bidirectional", action="store_true", help="non-causal: symmetric window")
-    p.add_argument("--plot", metavar="PNG", default=None, help="also draw the pattern to this PNG")
+    p.add_argument("--plot", metavar="PNG", default=None,
+                   help="also draw the pattern to this PNG, with matplotlib (default: no plot)")
+    g = p.add_argument_group("KV memory (causal patterns)")
+    g.add_argument("--kv-memory", type=float, default=None, metavar="GIB",
+                   help="also print how many --seq-len sequences fit in this many GiB of bf16 KV cache "
+                        "(default: not printed)")
+    g.add_argument("--layers", type=positive_int, default=32, help="layers, all with this pattern (--kv-memory)")
+    g.add_argument("--head-dim", type=positive_int, default=128, help="head dimension (--kv-memory)")
     p.set_defaults(func=_patterns)
 
 
-def pattern_from_args(args: argparse.Namespace):
+def _patterns(args: argparse.Namespace) -> int:
     from .patterns import local_stride
 
-    if args.local % args.block_size:
-        raise ValueError(f"--local={args.local}: expected a multiple of --block-size={args.block_size}")
-    return local_stride(args.heads, args.seq_len, args.block_size, args.local // args.block_size, args.stride,
-                        num_kv_heads=args.kv_heads, homogeneous=args.homogeneous, num_dense_heads=args.dense_heads,
-                        head_step=args.head_step, head_offset=args.head_offset, causal=not args.bidirectional)
-
-
-def _patterns(args: argparse.Namespace) -> int:
-    try:
-        pattern = pattern_from_args(args)
-    except ValueError as e:
-        print(f"s2attn patterns: error: {e}", file=sys.stderr)
-        return 2
+    kv_heads = args.heads if args.kv_heads is None else args.kv_heads
+    settings = pattern_options(args, args.heads, kv_heads)
+    if args.head_step is not None and args.head_step < 0:
+        raise UsageError(f"--head-step={args.head_step}: expected 0 or more")
+    if args.kv_memory is not None and (args.kv_memory <= 0 or args.bidirectional):
+        raise UsageError(f"--kv-memory={args.kv_memory}: expected a positive size in GiB, for a causal pattern")
+    if args.plot:
+        _check_plot(args.plot, "--plot")
+    pattern = local_stride(args.heads, args.seq_len, num_kv_heads=kv_heads, homogeneous=args.homogeneous,
+                           head_step=args.head_step, head_offset=args.head_offset, causal=not args.bidirectional,
+                           **settings)
     print("\n".join(describe(pattern, args.seq_len)))
+    if args.kv_memory is not None:
+        print("\n".join(kv_capacity(pattern, args.seq_len, args.layers, args.heads, kv_heads, args.head_dim,
+                                    args.kv_memory)))
     if args.plot:
         print(f"  plot                 {pattern.plot(args.plot, seq_len=args.seq_len)}")
     return 0
+
+
+def _check_plot(path: str, option: str) -> None:
+    """Before any work: matplotlib is installed and the PNG's directory exists (or can be made)."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError(f"{option}={path!r}: drawing needs matplotlib (pip install 's2attn[plot]')")
+    output_dir(Path(path).parent, option)
 
 
 # ---------------------------------------------------------------- s2attn demo
@@ -107,8 +289,9 @@ def _add_demo(sub) -> None:
                        description="Build the default S2 pattern, print its figures, draw it, run a small "
                                    "forward + backward through s2attn.sparse_attention and compare it with the "
                                    "float64 reference; on a GPU, also run the quick benchmark.")
-    p.add_argument("--out", default="s2attn-demo", help="directory for the plot (default %(default)s)")
-    p.add_argument("--seq-len", type=int, default=32768, help="context length of the figures (default %(default)s)")
+    p.add_argument("--out", default="s2attn-demo", help="directory for the plot")
+    p.add_argument("--seq-len", type=positive_int, default=32768, metavar="TOKENS",
+                   help="context length of the figures")
     p.add_argument("--no-bench", action="store_true", help="skip the GPU benchmark")
     p.set_defaults(func=_demo)
 
@@ -116,13 +299,16 @@ def _add_demo(sub) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from .patterns import local_stride
 
+    png = output_dir(args.out, "--out") / "pattern.png"
     pattern = local_stride(DEFAULT_HEADS, args.seq_len, DEFAULT_BLOCK, DEFAULT_LOCAL_TOKENS // DEFAULT_BLOCK,
                            DEFAULT_STRIDE)
     print(f"Default S2 pattern: {DEFAULT_HEADS} heads, local {DEFAULT_LOCAL_TOKENS} tokens, every "
           f"{DEFAULT_STRIDE}th block, heterogeneous offsets")
     print("\n".join(describe(pattern, args.seq_len)))
-    os.makedirs(args.out, exist_ok=True)
-    print(f"  plot                 {pattern.plot(os.path.join(args.out, 'pattern.png'), seq_len=args.seq_len)}")
+    if importlib.util.find_spec("matplotlib") is None:
+        print(f"  plot                 not drawn: matplotlib is not installed (pip install 's2attn[plot]' draws {png})")
+    else:
+        print(f"  plot                 {pattern.plot(png, seq_len=args.seq_len)}")
     print()
 
     cuda = torch.cuda.is_available()
@@ -132,7 +318,7 @@ def _demo(args: argparse.Namespace) -> int:
     ok = all(check_against_reference(device, dtype, tol) for dtype, tol in checks)
     if cuda and not args.no_bench:
         print()
-        _run_bench(["--quick"], required=False)
+        _run_bench(["--quick"])
     return 0 if ok else 1
 
 
@@ -174,29 +360,30 @@ def check_against_reference(device: torch.device, dtype: torch.dtype, tol: float
 # ---------------------------------------------------------------- s2attn bench
 def _add_bench(sub) -> None:
     sub.add_parser("bench", add_help=False, help="GPU benchmarks (s2attn.bench; its own options follow)",
-                   ).set_defaults(func=lambda args: _run_bench(args.rest, required=True))
+                   ).set_defaults(func=lambda args: _run_bench(args.rest))
 
 
-def _run_bench(argv: list[str], required: bool) -> int:
-    """Hand ``argv`` to ``s2attn.bench.main``; without that module, say so (and fail only if ``required``)."""
-    try:
-        bench = importlib.import_module("s2attn.bench")
-    except ModuleNotFoundError as e:
-        if e.name != "s2attn.bench":
-            raise
-        print("s2attn: the benchmark module s2attn.bench is not available in this installation "
-              "(the Triton kernels and their benchmarks are in progress).", file=sys.stderr)
-        return 2 if required else 0
-    return int(bench.main(argv) or 0)
+def _run_bench(argv: list[str]) -> int:
+    return int(importlib.import_module("s2attn.bench").main(argv) or 0)
 
 
 # ---------------------------------------------------------------- entry point
 BUILTIN_COMMANDS: tuple[Callable, ...] = (_add_demo, _add_patterns, _add_bench)
 
 
+def version() -> str:
+    """``s2attn X (torch Y, triton Z, python W)``: what a bug report needs, without importing Triton."""
+    try:
+        triton = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton = "not installed"
+    return f"s2attn {__version__} (torch {torch.__version__}, triton {triton}, python {sys.version.split()[0]})"
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; the feature module of ``command`` (if it is one) is imported to add its real options."""
-    parser = argparse.ArgumentParser(prog="s2attn", description="Sparsely-sharded (S2) block-sparse attention.")
+    parser = Parser(prog="s2attn", description="Sparsely-sharded (S2) block-sparse attention.")
+    parser.add_argument("--version", action="version", version=version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in BUILTIN_COMMANDS:
         add(sub)
@@ -216,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModuleNotFoundError as e:  # a feature command whose optional dependency is missing
         if command not in FEATURE_COMMANDS or (e.name or "s2attn").startswith("s2attn"):
             raise
-        print(f"s2attn {command}: needs the package {e.name!r}, which is not installed "
+        print(f"s2attn {command}: error: needs the package {e.name!r}, which is not installed "
               f"(pip install 's2attn[all]' installs every optional dependency)", file=sys.stderr)
         return 2
     args, rest = parser.parse_known_args(argv)
@@ -224,4 +411,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.rest = rest
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as e:
+        print(f"s2attn {command}: error: {e}", file=sys.stderr)
+        return 2

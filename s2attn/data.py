@@ -67,13 +67,30 @@ def passkey_sample(seq_len: int, depth: float, rng: random.Random, digits: int =
         raise ValueError(f"digits={digits}: expected 1 to {len(string.digits)} (the key's digits are distinct)")
     key = "".join(rng.sample(string.digits, digits))
     needle = f" {CUE}{key}. "
-    hay = seq_len - len(needle) - len(QUESTION) - digits
+    hay = seq_len - passkey_min_len(digits)
     if hay < 0:
-        raise ValueError(f"seq_len={seq_len}: a passkey sequence needs at least {seq_len - hay} tokens")
+        raise ValueError(f"seq_len={seq_len}: a passkey sequence needs at least {passkey_min_len(digits)} tokens")
     text = _filler(hay, rng)
     cut = round(depth * hay)
     ids = encode(text[:cut] + needle + text[cut:] + QUESTION + key)
     return ids, digits
+
+
+def passkey_min_len(digits: int = 5) -> int:
+    """Tokens of a passkey sequence without filler: the needle ``" #<key>. "``, the question, the answer."""
+    return len(f" {CUE}. ") + digits + len(QUESTION) + digits
+
+
+def mqar_min_len(num_queries: int = 1, key_len: int = 3, value_len: int = 2) -> int:
+    """Tokens of the shortest mqar sequence: as many pairs as queries, the separator, the queries."""
+    return 2 + 2 * num_queries * (key_len + value_len + 2)
+
+
+def min_seq_len(task: str) -> int:
+    """The shortest sequence :func:`sample` builds for ``task`` (``text``: one token; the files must hold
+    the sequence length)."""
+    return {"passkey": passkey_min_len(), "mqar": mqar_min_len(), "mix": max(passkey_min_len(), mqar_min_len())}.get(
+        task, 1)
 
 
 def mqar_sample(seq_len: int, rng: random.Random, num_queries: int = 64, key_len: int = 3,
@@ -89,7 +106,7 @@ def mqar_sample(seq_len: int, rng: random.Random, num_queries: int = 64, key_len
     pairs = (seq_len - queries_len) // item
     if pairs < num_queries:
         raise ValueError(f"seq_len={seq_len}: too short for num_queries={num_queries} mqar queries "
-                         f"(needs {queries_len + num_queries * item} tokens)")
+                         f"(needs {mqar_min_len(num_queries, key_len, value_len)} tokens)")
     keys: set[str] = set()
     while len(keys) < pairs:
         keys.add("".join(rng.choice(string.ascii_lowercase) for _ in range(key_len)))
@@ -182,4 +199,4 @@ def batches(task: str, batch_size: int, seq_len: int, seed: int | str = 0,
 
 
 __all__ = ["CUE", "FILLER", "IGNORE", "TASKS", "TextFiles", "VOCAB_SIZE", "batches", "copy_sample", "decode", "encode",
-           "mqar_sample", "passkey_sample", "sample"]
+           "min_seq_len", "mqar_min_len", "mqar_sample", "passkey_min_len", "passkey_sample", "sample"]

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .api import sparse_attention
+from .coverage import warn_if_incomplete
 from .patterns import BlockPattern
 from .validation import check_flag, check_layout, check_pattern, check_softmax_scale
 
@@ -27,6 +28,7 @@ class SparseAttention(nn.Module):
     ):
         super().__init__()
         self.pattern = check_pattern(pattern)
+        warn_if_incomplete(pattern, "SparseAttention")
         check_softmax_scale(softmax_scale)
         check_flag("causal", causal, allow_none=True)
         self.softmax_scale = softmax_scale

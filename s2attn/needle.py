@@ -17,9 +17,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from . import data
-from .train import VARIANTS, add_model_args, build_config, build_model, load_checkpoint, parse_ints
+from .cli import UsageError, default_device, existing_path, int_list, output_dir, positive_int, torch_device
+from .train import VARIANTS, add_model_args, build_config, build_model, load_checkpoint, pattern_settings
 
 
 @torch.no_grad()
@@ -41,11 +43,16 @@ def passkey_accuracy(model, seq_len: int, depth: float, samples: int, *, batch_s
 
 
 def needle_grid(model, lengths: Sequence[int], depths: Sequence[float], samples: int, *, batch_size: int = 4,
-                seed: int = 0) -> torch.Tensor:
-    """Accuracy ``(len(lengths), len(depths))`` over the grid."""
+                seed: int = 0, progress: tqdm | None = None) -> torch.Tensor:
+    """Accuracy ``(len(lengths), len(depths))`` over the grid; ``progress`` (a tqdm bar) advances once per cell."""
     model.eval()
-    return torch.tensor([[passkey_accuracy(model, n, d, samples, batch_size=batch_size, seed=seed) for d in depths]
-                         for n in lengths])
+    grid = torch.zeros(len(lengths), len(depths))
+    for i, n in enumerate(lengths):
+        for j, d in enumerate(depths):
+            grid[i, j] = passkey_accuracy(model, n, d, samples, batch_size=batch_size, seed=seed)
+            if progress is not None:
+                progress.update(1)
+    return grid
 
 
 def plot_heatmaps(grids: dict[str, torch.Tensor], lengths: Sequence[int], depths: Sequence[float],
@@ -58,20 +65,25 @@ def plot_heatmaps(grids: dict[str, torch.Tensor], lengths: Sequence[int], depths
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    width = max(3.5, 1.5 + 0.9 * len(lengths))
-    fig, axes = plt.subplots(1, len(grids), figsize=(width * len(grids), 1.2 + 0.5 * len(depths)), squeeze=False)
+    width = max(3.0, 1.0 + 0.9 * len(lengths))
+    fig, axes = plt.subplots(1, len(grids), figsize=(width * len(grids) + 1.2, 1.6 + 0.45 * len(depths)), squeeze=False,
+                             sharey=True, layout="constrained")  # depth labels once, on the left; nothing overlaps
+    cmap = plt.get_cmap("RdYlGn")
     for ax, (name, acc) in zip(axes[0], grids.items()):
-        im = ax.imshow(acc.T.numpy(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        im = ax.imshow(acc.T.numpy(), vmin=0, vmax=1, cmap=cmap, aspect="auto")
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
         ax.set_xlabel("context length (tokens)")
         for i in range(len(lengths)):
             for j in range(len(depths)):
-                ax.text(i, j, f"{acc[i, j]:.2f}", ha="center", va="center", fontsize=8)
-        ax.set_title(f"{name}\npasskey accuracy {acc.mean():.2f}")
+                r, g, b, _ = cmap(float(acc[i, j]))
+                dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5  # white text on dark red and dark green
+                ax.text(i, j, f"{acc[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if dark else "black")
+        ax.set_title(f"{name}\npasskey accuracy {acc.mean():.2f}", fontsize=10)
     axes[0, 0].set_ylabel("needle depth")
-    fig.colorbar(im, ax=axes[0].tolist())
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.colorbar(im, ax=axes[0].tolist(), label="passkey accuracy")
+    fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
@@ -79,18 +91,19 @@ def plot_heatmaps(grids: dict[str, torch.Tensor], lengths: Sequence[int], depths
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``needle`` subcommand to an ``argparse`` subparsers object."""
     p = subparsers.add_parser("needle", help="passkey retrieval heatmap over context lengths x needle depths",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", nargs="+", metavar="PATH",
+                              description=__doc__)
+    p.add_argument("--checkpoint", nargs="+", type=existing_path, metavar="PATH",
                    help="checkpoint directories written by `s2attn train` (nothing in them is unpickled); without "
                         "it, a freshly built --variant model")
     p.add_argument("--variant", default="hhst", choices=VARIANTS, help="model to build when no --checkpoint")
-    p.add_argument("--lengths", default="1024,2048,4096,8192", help="comma-separated context lengths")
-    p.add_argument("--depths", type=int, default=5, help="number of needle depths, evenly spaced in [0, 1]")
-    p.add_argument("--samples", type=int, default=10, help="samples per cell")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--out", default="runs/needle")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lengths", type=int_list, default="1024,2048,4096,8192", metavar="TOKENS,...",
+                   help="comma-separated context lengths")
+    p.add_argument("--depths", type=positive_int, default=5, help="number of needle depths, evenly spaced in [0, 1]")
+    p.add_argument("--samples", type=positive_int, default=10, help="samples per cell")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="sequences per forward pass")
+    p.add_argument("--out", default="runs/needle", help="output directory")
+    p.add_argument("--device", type=torch_device, default=default_device(), help="torch device")
+    p.add_argument("--seed", type=int, default=0, help="random seed (fresh model and samples)")
     add_model_args(p)
     p.set_defaults(func=run)
     return p
@@ -108,17 +121,20 @@ def _models(args: argparse.Namespace, max_len: int):
 
 
 def run(args: argparse.Namespace) -> int:
-    lengths = parse_ints(args.lengths, "--lengths")
-    if not lengths or args.depths < 1 or args.samples < 1:
-        raise SystemExit(f"--lengths={args.lengths!r}, --depths={args.depths}, --samples={args.samples}: expected "
-                         f"at least one length, depth and sample")
+    shortest = data.passkey_min_len()
+    if not args.lengths or min(args.lengths) < shortest:
+        raise UsageError(f"--lengths={','.join(map(str, args.lengths))}: expected context lengths of at least "
+                         f"{shortest} tokens (a passkey sequence without filler)")
+    if not args.checkpoint:
+        pattern_settings(args, sparse=args.variant != "dense")  # the model options, checked before any output
+    lengths = args.lengths
     depths = [i / max(1, args.depths - 1) for i in range(args.depths)]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(args.out, "--out")
     rows, grids = [], {}
     for name, model in _models(args, max(lengths)):
-        acc = grids[name] = needle_grid(model, lengths, depths, args.samples, batch_size=args.batch_size,
-                                        seed=args.seed)
+        with tqdm(total=len(lengths) * len(depths), desc=name, unit="cell") as progress:
+            acc = grids[name] = needle_grid(model, lengths, depths, args.samples, batch_size=args.batch_size,
+                                            seed=args.seed, progress=progress)
         rows += [{"model": name, "length": n, "depth": f"{d:.3f}", "accuracy": f"{acc[i, j]:.4f}",
                   "samples": args.samples} for i, n in enumerate(lengths) for j, d in enumerate(depths)]
         per_len = ", ".join(f"{n}: {a:.2f}" for n, a in zip(lengths, acc.mean(1).tolist()))
@@ -135,10 +151,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m s2attn.needle [options]``: the same as ``s2attn needle [options]``."""
-    parser = argparse.ArgumentParser(prog="s2attn")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["needle", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    from .cli import main as cli_main
+
+    return cli_main(["needle", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -66,6 +66,20 @@ class LocalStrideRule:
         allowed = local | vertical | self.is_dense(head)
         return allowed & (diff >= 0) if causal else allowed
 
+    def uncovered_offsets(self, head: torch.Tensor, n: int, causal: bool) -> list[int]:
+        """Offsets ``r`` such that key blocks ``j`` with ``j % vert_stride == r`` lie outside some query
+        block's window of ``n`` blocks, yet no head among ``head`` reads them (empty: union complete)."""
+        if bool(self.is_dense(head).any()) or n <= self.local_blocks:
+            return []
+        L, S = self.local_blocks, self.vert_stride
+        covered = set((-self.shift(head) % S).tolist())
+        # key blocks outside some query block's window: 0 .. n-1-L (the last query block looks back);
+        # bidirectional also L .. n-1 (the first query block looks ahead)
+        needed = set(range(min(S, n - L)))
+        if not causal:
+            needed |= {j % S for j in range(L, min(n, L + S))}
+        return sorted(needed - covered)
+
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
@@ -219,26 +233,27 @@ class BlockPattern:
 
     def is_union_complete(self, seq_len: int | None = None) -> bool:
         """For every query block, do the heads together cover every key block it could see?"""
+        return self.union_gap(seq_len) is None
+
+    def union_gap(self, seq_len: int | None = None) -> tuple[int, int] | None:
+        """``(query block, key block)``: a key block the query block may see but no head reads, or ``None``
+        when the pattern is union complete at ``seq_len`` (default ``max_seq_len``; closed form for rules)."""
         seq_len = self.max_seq_len if seq_len is None else seq_len
         n = self.num_blocks(seq_len)
         r = self.rule
         if r is not None:
-            heads = torch.arange(self.pattern_heads)
-            if bool(r.is_dense(heads).any()) or n <= r.local_blocks:
-                return True
-            L, S = r.local_blocks, r.vert_stride
-            residues = set((-r.shift(heads[~r.is_dense(heads)]) % S).tolist())
-            # key blocks outside some query block's window: 0 .. n-1-L (the last query block looks back);
-            # bidirectional also L .. n-1 (the first query block looks ahead)
-            needed = set(range(min(S, n - L)))
-            if not self.causal:
-                needed |= {j % S for j in range(L, min(n, L + S))}
-            return needed <= residues
-        union = self.block_mask(seq_len).any(0)
+            offsets = r.uncovered_offsets(torch.arange(self.pattern_heads), n, self.causal)
+            if not offsets:
+                return None
+            if offsets[0] < n - r.local_blocks:  # outside the last query block's window
+                return n - 1, offsets[0]
+            # bidirectional only: ahead of the first query block's window
+            return 0, next(j for j in range(r.local_blocks, n) if j % r.vert_stride == offsets[0])
         visible = torch.ones(n, n, dtype=torch.bool)
         if self.causal:
             visible = visible.tril()
-        return bool((union | ~visible).all())
+        missing = (visible & ~self.block_mask(seq_len).any(0)).nonzero()
+        return tuple(missing[0].tolist()) if len(missing) else None
 
     def is_kv_cache_efficient(self, seq_len: int | None = None) -> bool:
         """Per head, once a key block outside the local window is skipped by a query block,
@@ -325,11 +340,21 @@ class BlockPattern:
                 f"max_seq_len={self.max_seq_len}, density@max={self.density(self.max_seq_len):.3f})\n"
                 f"  head 0, first {rows.shape[0]} blocks:\n{art}")
 
-    def plot(self, path: str, seq_len: int | None = None, max_heads: int = 16) -> str:
-        """Draw the block layout of up to ``max_heads`` heads (and their union) to a PNG."""
+    def plot(self, path: str, seq_len: int | None = None, max_heads: int = 8) -> str:
+        """Draw the pattern at ``seq_len`` tokens (default ``max_seq_len``) to a PNG: one head per kv-head
+        group (up to ``max_heads``, dense groups marked) and how many heads read each block (needs matplotlib;
+        :func:`s2attn.plotting.plot_pattern`)."""
         from .plotting import plot_pattern
 
         return plot_pattern(self, path, seq_len=seq_len, max_heads=max_heads)
+
+    def to_flex_block_mask(self, seq_len: int, device: torch.device | str = "cpu"):
+        """This pattern as a FlexAttention ``BlockMask`` for ``seq_len`` queries and keys, so that
+        ``flex_attention(q, k, v, block_mask=..., enable_gqa=True)`` on ``bhsd`` tensors computes what
+        :func:`s2attn.sparse_attention` does (:func:`s2attn.flex.to_flex_block_mask`)."""
+        from .flex import to_flex_block_mask
+
+        return to_flex_block_mask(self, seq_len, device)
 
 
 def _count_congruent(a: torch.Tensor, b: torch.Tensor, S: int, shift: torch.Tensor) -> torch.Tensor:

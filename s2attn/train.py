@@ -27,8 +27,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from . import data
+from .cli import (UsageError, add_pattern_options, default_device, existing_file, int_list, output_dir, pattern_options,
+                  positive_int, torch_device)
 from .models import hhst_config, tiny_llama
 
 VARIANTS = ("dense", "hhst", "homo")
@@ -40,35 +43,45 @@ RUN_FILE = "s2attn_run.json"  # beside a checkpoint's config.json: variant, step
 
 # ---------------------------------------------------------------------------------------------- models
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """Model-shape and pattern arguments shared by ``train`` and ``needle``."""
+    """Model-shape and pattern options shared by ``train`` and ``needle``."""
     g = p.add_argument_group("model")
-    g.add_argument("--d-model", type=int, default=256)
-    g.add_argument("--layers", type=int, default=4)
-    g.add_argument("--heads", type=int, default=8)
-    g.add_argument("--kv-heads", type=int, default=8)
-    g.add_argument("--dense-layers", default="0", help="comma-separated indices of dense layers in HHST models")
-    g.add_argument("--local", type=int, default=8, help="local window, in blocks")
-    g.add_argument("--stride", type=int, default=8, help="vertical stride, in blocks")
-    g.add_argument("--block-size", type=int, default=64)
+    g.add_argument("--d-model", type=positive_int, default=256, help="model width, a multiple of --heads")
+    g.add_argument("--layers", type=positive_int, default=4, help="transformer layers")
+    g.add_argument("--heads", type=positive_int, default=8, help="query heads")
+    g.add_argument("--kv-heads", type=positive_int, default=8, help="kv heads, a divisor of --heads")
+    g.add_argument("--dense-layers", type=int_list, default="0", metavar="I,J,...",
+                   help="layers that stay dense in hhst / homo models (comma-separated indices from 0)")
+    add_pattern_options(p, local=512, stride=8)
 
 
-def parse_ints(text: str, name: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"{name}={text!r}: expected comma-separated integers") from None
+def pattern_settings(args: argparse.Namespace, sparse: bool = True) -> dict:
+    """The model options checked together, and the pattern settings of the sparse layers (keyword
+    arguments of :func:`s2attn.local_stride`). ``sparse``: a variant with sparse layers will be built."""
+    if args.d_model % args.heads:
+        raise UsageError(f"--d-model={args.d_model}: expected a multiple of --heads={args.heads}")
+    settings = pattern_options(args, args.heads, args.kv_heads)
+    given = ",".join(map(str, args.dense_layers))
+    if not all(0 <= i < args.layers for i in args.dense_layers):
+        raise UsageError(f"--dense-layers={given}: expected layer indices 0 to {args.layers - 1} "
+                         f"(--layers={args.layers})")
+    if sparse and set(range(args.layers)) <= set(args.dense_layers):
+        raise UsageError(f"--dense-layers={given}: every one of the --layers={args.layers} layers would be dense, so "
+                         f"the hhst / homo variants would have no sparse layer; add layers or drop dense ones")
+    return settings
 
 
 def build_config(variant: str, args: argparse.Namespace, max_seq_len: int):
     """The ``transformers`` config of one variant, for the shape given in ``args``."""
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r}: expected one of {VARIANTS}")
+    settings = pattern_settings(args, sparse=variant != "dense")
     base = tiny_llama(vocab_size=data.VOCAB_SIZE, d_model=args.d_model, layers=args.layers, heads=args.heads,
                       kv_heads=args.kv_heads, max_seq_len=max_seq_len)
     if variant == "dense":
         return base
-    return hhst_config(base, dense_layers=parse_ints(args.dense_layers, "--dense-layers"), local=args.local,
-                       stride=args.stride, block_size=args.block_size, homogeneous=variant == "homo")
+    return hhst_config(base, dense_layers=args.dense_layers, local=settings["local_blocks"],
+                       stride=settings["vert_stride"], block_size=settings["block_size"],
+                       num_dense_heads=settings["num_dense_heads"], homogeneous=variant == "homo")
 
 
 def build_model(config, device: str | torch.device):
@@ -186,7 +199,7 @@ def train_variant(variant: str, args: argparse.Namespace, out: Path, writer, tex
     warmup = min(3, args.steps // 5)  # steps excluded from the throughput (allocator, autotuning)
     losses, accs = [], []
     tokens = timed_tokens = 0
-    progress = _progress(args.steps, variant)
+    progress = tqdm(total=args.steps, desc=variant, unit="step", mininterval=1.0)
     batch = batch_at(0)
     t0 = time.perf_counter()
     for step in range(args.steps):
@@ -226,19 +239,6 @@ def train_variant(variant: str, args: argparse.Namespace, out: Path, writer, tex
     print(f"{variant}: final loss {row['final_loss']:.4f}, answer acc {row['final_answer_acc']:.3f}, "
           f"{tokens_per_s:,.0f} tokens/s ({params:,} params)", flush=True)
     return row
-
-
-def _progress(total: int, desc: str):
-    """A tqdm bar, or a silent stand-in when tqdm is not installed."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        class _Silent:
-            def update(self, n): ...
-            def set_postfix(self, **kw): ...
-            def close(self): ...
-        return _Silent()
-    return tqdm(total=total, desc=desc, leave=True, mininterval=1.0)
 
 
 def plot_losses(log_path: Path, png_path: Path) -> Path | None:
@@ -287,53 +287,62 @@ def summary_markdown(rows: list[dict]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+def variant_list(text: str) -> list[str]:
+    """``argparse`` type: a comma-separated, non-empty subset of :data:`VARIANTS`."""
+    variants = [v.strip() for v in text.split(",") if v.strip()]
+    if not variants or any(v not in VARIANTS for v in variants):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated subset of {','.join(VARIANTS)}")
+    return variants
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``train`` subcommand to an ``argparse`` subparsers object."""
     p = subparsers.add_parser("train", help="train dense / HHST / homogeneous models and compare them",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", default="dense,hhst,homo", help=f"comma-separated, from {','.join(VARIANTS)}")
+                              description=__doc__)
+    p.add_argument("--variants", type=variant_list, default=",".join(VARIANTS), help="comma-separated variants")
     p.add_argument("--task", default="mix", choices=data.TASKS, help="synthetic task (ignored with --data)")
-    p.add_argument("--data", nargs="+", metavar="PATH", help="local text files to train on (task 'text')")
+    p.add_argument("--data", nargs="+", type=existing_file, metavar="PATH",
+                   help="local text files to train on, task 'text' (default: the synthetic --task)")
     p.add_argument("--loss", default="answer", choices=LOSSES,
                    help="train on the answer tokens only, or next-token loss on all tokens (answer accuracy is "
                         "measured on the answer tokens either way)")
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--min-len", type=int, default=0,
+    p.add_argument("--seq-len", type=positive_int, default=1024, metavar="TOKENS", help="training sequence length")
+    p.add_argument("--min-len", type=int, default=0, metavar="TOKENS",
                    help="length curriculum: start at this sequence length and double it in equal stages over the "
                         f"first {CURRICULUM_FRACTION:.0%}% of the steps up to --seq-len; every step keeps "
-                        "--batch-size x --seq-len tokens (default 0: --seq-len throughout)")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--out", default="runs/train")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
+                        "--batch-size x --seq-len tokens (0: --seq-len throughout)")
+    p.add_argument("--steps", type=positive_int, default=200, help="optimizer steps per variant")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per step (at --seq-len)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--out", default="runs/train", help="output directory")
+    p.add_argument("--device", type=torch_device, default=default_device(), help="torch device")
+    p.add_argument("--seed", type=int, default=0, help="random seed (weights and data)")
     add_model_args(p)
     p.set_defaults(func=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in variants if v not in VARIANTS]
-    if bad or not variants:
-        raise SystemExit(f"--variants={args.variants!r}: expected a comma-separated subset of {VARIANTS}")
-    for name in ("steps", "batch_size", "seq_len"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')}={getattr(args, name)}: expected a positive number")
+    pattern_settings(args, sparse=any(v != "dense" for v in args.variants))
     if not 0 <= args.min_len <= args.seq_len:
-        raise SystemExit(f"--min-len={args.min_len}: expected 0 (no curriculum) up to --seq-len={args.seq_len}")
+        raise UsageError(f"--min-len={args.min_len}: expected 0 (no curriculum) up to --seq-len={args.seq_len}")
     text = None
     if args.data:
         text, args.task = data.TextFiles(args.data), "text"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+        if len(text.tokens) < args.seq_len:
+            raise UsageError(f"--data={' '.join(args.data)}: {len(text.tokens):,} bytes, expected at least "
+                             f"--seq-len={args.seq_len}")
+    shortest = data.min_seq_len(args.task)
+    if min(args.min_len or args.seq_len, args.seq_len) < shortest:
+        raise UsageError(f"--seq-len={args.seq_len}, --min-len={args.min_len}: task {args.task!r} needs sequences of "
+                         f"at least {shortest} tokens")
+    out = output_dir(args.out, "--out")
     log_path = out / "train_log.csv"
     rows = []
     with open(log_path, "w", newline="", buffering=1) as f:  # line-buffered: a live log
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
-        for variant in variants:
+        for variant in args.variants:
             rows.append(train_variant(variant, args, out, writer, text))
             f.flush()
     png = plot_losses(log_path, out / "loss_curves.png")
@@ -347,10 +356,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m s2attn.train [options]``: the same as ``s2attn train [options]``."""
-    parser = argparse.ArgumentParser(prog="s2attn")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    from .cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

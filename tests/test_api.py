@@ -10,6 +10,8 @@ import s2attn
 from s2attn import SparseAttention, dense, local_stride, reference_attention, reference_attention_varlen
 from s2attn import sparse_attention, sparse_attention_varlen
 
+pytestmark = pytest.mark.quick  # `make test-quick`
+
 HEADS, KV_HEADS, D, B = 4, 2, 32, 16
 
 

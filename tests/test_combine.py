@@ -5,6 +5,8 @@ import torch
 
 from s2attn import combine_partitions, from_mask, local_stride, reference_attention
 
+pytestmark = pytest.mark.quick  # `make test-quick`
+
 
 def split(pattern, seq_len, parts):
     """Patterns whose block masks partition ``pattern``'s (each block to one random part)."""

@@ -8,6 +8,8 @@ import torch
 
 from s2attn import data
 
+pytestmark = pytest.mark.quick  # `make test-quick`
+
 
 @pytest.mark.parametrize("seq_len", [16, 256, 1000])
 @pytest.mark.parametrize("depth", [0.0, 0.37, 1.0])

@@ -34,15 +34,18 @@ def test_scoring_is_exact_match_on_the_key():
     assert grid.shape == (2, 2) and bool((grid == 1).all())
 
 
-def test_needle_on_checkpoints_and_fresh_model(tmp_path):
-    toy = ["--layers", "2", "--d-model", "32", "--heads", "4", "--kv-heads", "2", "--block-size", "16", "--local", "2",
-           "--stride", "4", "--device", "cpu"]
+def test_needle_on_checkpoints_and_fresh_model(tmp_path, capsys):
+    toy = ["--layers", "2", "--d-model", "32", "--heads", "4", "--kv-heads", "2", "--block-size", "16", "--local", "32",
+           "--stride", "2", "--device", "cpu"]
     assert train.main([*toy, "--variants", "dense,hhst", "--seq-len", "128", "--steps", "1", "--batch-size", "1",
                        "--out", str(tmp_path / "run")]) == 0
     ckpts = [str(tmp_path / "run" / v / "checkpoint") for v in ("dense", "hhst")]
     out = tmp_path / "needle"
     grid = ["--lengths", "128,200", "--depths", "3", "--samples", "2", "--out", str(out)]
+    capsys.readouterr()
     assert needle.main([*grid, "--checkpoint", *ckpts]) == 0
+    progress = capsys.readouterr().err  # a bar per model, cell by cell
+    assert "dense: 100%" in progress and "hhst: 100%" in progress and "6/6" in progress
     with open(out / "needle.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * 2 * 3 and {r["model"] for r in rows} == {"dense", "hhst"}

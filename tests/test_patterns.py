@@ -8,6 +8,8 @@ import torch
 from s2attn import BlockPattern, dense, from_mask, local_stride
 from s2attn.patterns import BLOCK_SIZES
 
+pytestmark = pytest.mark.quick  # `make test-quick`
+
 
 def rule_mask(heads, n, local, stride, *, num_kv_heads=None, homogeneous=False, num_dense_heads=0,
               head_step=None, head_offset=0, causal=True):
@@ -115,6 +117,17 @@ def test_union_complete_bidirectional_matches_brute_force():
     for p in patterns:
         for seq_len in (16, 16 * 3, 16 * 5, 16 * 30 + 1):
             assert p.is_union_complete(seq_len) == brute_union_complete(p, seq_len), (p, seq_len)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("seq_len", [16 * 3, 16 * 5, 16 * 30 + 1])
+def test_union_gap_is_a_block_no_head_reads(name, seq_len):
+    p = build(CONFIGS[name], 16 * 40)
+    gap = p.union_gap(seq_len)
+    assert (gap is None) == brute_union_complete(p, seq_len)
+    if gap is not None:
+        q, k = gap
+        assert (k <= q or not p.causal) and not p.block_mask(seq_len)[:, q, k].any()
 
 
 def test_union_completeness_examples():
@@ -277,16 +290,6 @@ def test_repr_is_readable():
     assert "heads=32" in text and "block_size=64" in text and "█" in text
     assert len(text.splitlines()) == 2 + 16  # header, caption, 16 rows of blocks
     assert "mask" in repr(from_mask(torch.eye(4, dtype=torch.bool), 16))
-
-
-def test_plot_writes_png(tmp_path):
-    pytest.importorskip("matplotlib")
-    for p, name in [(local_stride(8, 1 << 20, 64, 8, 16, num_kv_heads=4), "big.png"),
-                    (from_mask(torch.rand(3, 9, 9) < 0.5, 16), "mask.png"),
-                    (dense(100, 16), "shared.png")]:
-        out = tmp_path / name
-        assert p.plot(out, max_heads=4) == str(out)
-        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_million_token_rule_is_closed_form():

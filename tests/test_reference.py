@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from s2attn import from_mask, local_stride, reference_attention, reference_attention_varlen
 from s2attn.reference import attend
 
+pytestmark = pytest.mark.quick  # `make test-quick`
+
 
 def sdpa(q, k, v, mask, scale):
     """Dense float64 attention ``(b, h, sq, d)`` under a token mask ``(heads or 1, sq, sk)``; GQA by repeat.

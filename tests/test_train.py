@@ -16,7 +16,7 @@ import safetensors.torch  # noqa: E402
 from s2attn import needle, train  # noqa: E402
 
 TOY = ["--seq-len", "160", "--steps", "4", "--batch-size", "2", "--layers", "2", "--d-model", "32", "--heads", "4",
-       "--kv-heads", "2", "--block-size", "16", "--local", "2", "--stride", "4", "--dense-layers", "1",
+       "--kv-heads", "2", "--block-size", "16", "--local", "32", "--stride", "2", "--dense-layers", "1",
        "--device", "cpu"]
 
 
@@ -137,13 +137,31 @@ def test_length_curriculum(tmp_path):
     assert {train.seq_len_at(s, 10, 100, 100) for s in range(10)} == {100}
 
 
-def test_bad_arguments_are_named(tmp_path):
-    with pytest.raises(SystemExit, match="--variants"):
+def test_bad_arguments_are_named(tmp_path, capsys):
+    """More cases in tests/test_cli.py; here: through ``python -m s2attn.train``'s entry point."""
+    assert train.main([*TOY, "--min-len", "200", "--out", str(tmp_path)]) == 2
+    assert "s2attn train: error: --min-len=200" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
         train.main([*TOY, "--variants", "dense,sparse", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="--min-len=200"):
-        train.main([*TOY, "--min-len", "200", "--out", str(tmp_path)])
-    with pytest.raises(ValueError, match="--dense-layers"):
-        train.main([*TOY, "--variants", "hhst", "--dense-layers", "one", "--out", str(tmp_path)])
+    assert info.value.code == 2 and "--variants" in capsys.readouterr().err
+    assert not (tmp_path / "train_log.csv").exists()
+
+
+def test_homogeneous_ablation_does_not_warn_but_hhst_would():
+    """homo is not union complete by design, and asked for (no warning); hhst with a stride its kv heads
+    cannot cover warns."""
+    import warnings
+
+    from s2attn.cli import build_parser
+    from s2attn.coverage import NotUnionCompleteWarning
+
+    parser = build_parser("train")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NotUnionCompleteWarning)
+        train.build_config("homo", parser.parse_args(["train", *TOY, "--stride", "7"]), 160)
+        train.build_config("hhst", parser.parse_args(["train", *TOY]), 160)  # 2 kv heads, stride 2: complete
+    with pytest.warns(NotUnionCompleteWarning, match="2 sparse kv-head groups cannot cover 3 offsets"):
+        train.build_config("hhst", parser.parse_args(["train", *TOY, "--stride", "3"]), 160)
 
 
 def test_lr_schedule():

@@ -31,6 +31,7 @@ except ImportError as err:  # pragma: no cover - exercised only without megatron
     raise ImportError("s2attn.integrations.megatron needs megatron-core: pip install 's2attn[megatron]'") from err
 
 from ..api import sparse_attention, sparse_attention_varlen
+from ..coverage import warn_if_incomplete
 from ..patterns import BlockPattern, dense, local_stride
 from .distributed import context_parallel_attention, shard_heads
 
@@ -77,7 +78,9 @@ def _rank_pattern(settings: S2AttnSettings, heads: int, kv_heads: int, dense_lay
                   tp_rank: int, tp: int) -> BlockPattern:
     """One pattern object per distinct layer kind, so layers share its cached index tables and
     context-parallel plans instead of building them once per layer."""
-    return shard_heads(settings.layer_pattern(heads, kv_heads, dense_layer, causal), tp_rank, tp)
+    pattern = settings.layer_pattern(heads, kv_heads, dense_layer, causal)
+    warn_if_incomplete(pattern, "S2AttnSettings")
+    return shard_heads(pattern, tp_rank, tp)
 
 
 def _group_rank_size(group) -> tuple[int, int]:

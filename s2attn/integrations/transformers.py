@@ -48,6 +48,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface
 
 from ..api import sparse_attention, sparse_attention_varlen
+from ..coverage import warn_if_incomplete
 from ..patterns import BlockPattern, dense, local_stride
 from ..validation import boundaries, warn_once
 
@@ -126,9 +127,11 @@ def layer_pattern_len(config, seq_len: int) -> int:
 @functools.lru_cache(maxsize=256)
 def _cached_pattern(heads: int, kv_heads: int, max_len: int, causal: bool, layer: tuple) -> BlockPattern:
     s = dict(layer)
-    return local_stride(heads, max_len, s["block_size"], s["local_blocks"], s["vert_stride"], num_kv_heads=kv_heads,
-                        homogeneous=s["homogeneous"], num_dense_heads=s["num_dense_heads"], head_step=s["head_step"],
-                        head_offset=s["head_offset"], causal=causal)
+    pattern = local_stride(heads, max_len, s["block_size"], s["local_blocks"], s["vert_stride"], num_kv_heads=kv_heads,
+                           homogeneous=s["homogeneous"], num_dense_heads=s["num_dense_heads"],
+                           head_step=s["head_step"], head_offset=s["head_offset"], causal=causal)
+    warn_if_incomplete(pattern, f"config.{NAME} with {heads} heads / {kv_heads} kv heads")
+    return pattern
 
 
 @functools.lru_cache(maxsize=64)

@@ -28,7 +28,10 @@ def hhst_config(
 
     ``local`` is the local window in blocks, ``stride`` the vertical stride in blocks,
     ``homogeneous=True`` gives every head the same stride offset (the ablation),
-    ``num_dense_heads`` makes the last kv-head groups of the sparse layers dense. The settings
+    ``num_dense_heads`` makes the last kv-head groups of the sparse layers dense. A heterogeneous
+    sparse layer whose heads together miss key blocks (not union complete: ``stride`` above the
+    number of sparse kv-head groups) issues a :class:`~s2attn.coverage.NotUnionCompleteWarning`
+    that names union-complete settings nearby. The settings
     are stored in ``config.s2attn`` (saved with ``save_pretrained``) and the attention
     implementation is set to ``"s2attn"`` (pass ``attn_implementation="s2attn"`` again to
     ``from_pretrained``: ``transformers`` does not save it; a model loaded without it warns once).
@@ -42,7 +45,8 @@ def hhst_config(
         "num_dense_heads": num_dense_heads, "dense_layers": sorted(int(i) for i in dense_layers),
     })
     hf.s2attn_settings(config)  # validates layer indices and keys
-    hf.layer_pattern(config, 0, 1)  # validates the pattern arguments now, not at the first forward
+    for layer in range(config.num_hidden_layers):  # validates the patterns now (and warns if not union complete)
+        hf.layer_pattern(config, layer, 1)
     config._attn_implementation = hf.NAME
     return config
 

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.skipif(
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SCALE = int(os.environ.get("S2ATTN_TEST_SCALE", "1"))
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+QUICK = pytest.mark.quick  # `make test-quick`: one case per feature
 
 
 @pytest.fixture(autouse=True)
@@ -74,7 +75,7 @@ def check(q, k, v, pattern, *, layout="bshd", causal=None, with_lse=False, deter
     return [x.grad for x in leaves]
 
 
-@pytest.mark.parametrize("block", [16, 32, 64, 128])
+@pytest.mark.parametrize("block", [pytest.param(16, marks=QUICK), 32, 64, pytest.param(128, marks=QUICK)])
 def test_local_stride_blocks(block):
     """Merge-Q (block < query tile), sub-tiled keys (block > key tile), odd length."""
     seq = 3 * block + 7
@@ -82,13 +83,13 @@ def test_local_stride_blocks(block):
     check(*make_qkv(1, seq, seq, 4, 2, 32, torch.float32), pattern)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=QUICK)])
 def test_half_precision(dtype):
     pattern = local_stride(4, 2048, 32, local_blocks=2, vert_stride=4, num_kv_heads=1)
     check(*make_qkv(1, 233, 233, 4, 1, 64, dtype), pattern)
 
 
-@pytest.mark.parametrize("dim", [64, 80, 96, 128, 256])
+@pytest.mark.parametrize("dim", [64, pytest.param(80, marks=QUICK), 96, 128, 256])
 def test_head_dims(dim):
     pattern = local_stride(2, 512, 64, local_blocks=1, vert_stride=2)
     check(*make_qkv(1, 200, 200, 2, 2, dim, torch.float32), pattern)
@@ -106,13 +107,14 @@ def test_wide_head_half_precision():
     check(*make_qkv(1, 200, 200, 2, 1, 256, torch.bfloat16), pattern)
 
 
-@pytest.mark.parametrize("seq_q, seq_k", [(1, 1), (1, 300), (77, 300), (1000, 1000)])
+@pytest.mark.parametrize("seq_q, seq_k", [(1, 1), (1, 300), pytest.param(77, 300, marks=QUICK), (1000, 1000)])
 def test_lengths_end_aligned(seq_q, seq_k):
     """Queries end-aligned to keys (chunked prefill, decode) and odd lengths."""
     pattern = local_stride(2, 1024, 64, local_blocks=2, vert_stride=4)
     check(*make_qkv(1, seq_q, seq_k, 2, 2, 32, torch.float32), pattern)
 
 
+@QUICK
 def test_bidirectional():
     pattern = local_stride(4, 512, 16, local_blocks=2, vert_stride=3, num_kv_heads=2, causal=False)
     check(*make_qkv(1, 150, 150, 4, 2, 32, torch.float32), pattern)
@@ -143,6 +145,7 @@ def test_bhsd_and_strided_views():
     check(q, k, v, pattern)
 
 
+@QUICK
 def test_views_tma_cannot_read():
     """q, k, v as views 4 bytes off 16-byte alignment: every kernel reads them with plain loads, not TMA."""
     pattern = local_stride(4, 512, 32, local_blocks=2, vert_stride=3, num_kv_heads=2)
@@ -152,11 +155,13 @@ def test_views_tma_cannot_read():
     check(q, k, v, pattern)
 
 
+@QUICK
 def test_lse_gradient_and_scale():
     pattern = local_stride(2, 512, 16, local_blocks=2, vert_stride=4)
     check(*make_qkv(1, 100, 100, 2, 2, 32, torch.float32), pattern, with_lse=True, scale=0.3)
 
 
+@QUICK
 def test_mask_pattern_tables_with_empty_rows():
     """An arbitrary per-head mask through the index tables; some query blocks read nothing."""
     gen = torch.Generator().manual_seed(0)
@@ -226,6 +231,7 @@ def test_varlen_generous_max_seqlen_on_both_paths():
         assert rel_err(out, ref.to(DEVICE)) <= 1e-4
 
 
+@QUICK
 def test_varlen_packed():
     pattern = local_stride(4, 1024, 16, local_blocks=2, vert_stride=3, num_kv_heads=2)
     lens_q, lens_k = [1, 100, 37, 64], [50, 100, 90, 64]
@@ -285,7 +291,7 @@ def test_deterministic_backward_is_bit_identical():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("as_mask", [False, True])
+@pytest.mark.parametrize("as_mask", [pytest.param(False, marks=QUICK), True])
 def test_split_columns_match_unsplit(monkeypatch, as_mask):
     """Long vertical columns split across programs (atomics) equal the single-program result,
     for the closed-form rule (the long pass) and for its mask twin through the tables (split columns)."""
@@ -301,8 +307,7 @@ def test_split_columns_match_unsplit(monkeypatch, as_mask):
         assert rel_err(a, b.double()) <= 1e-5
 
 
-@pytest.mark.parametrize("block", [16, 64])
-@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("block, causal", [pytest.param(16, True, marks=QUICK), (16, False), (64, True), (64, False)])
 def test_key_block_pairs(monkeypatch, block, causal):
     """Forward and dQ reading unmasked key blocks two at a time (the forward's default past 32k keys):
     vertical ones stride apart, window ones adjacent, dense heads' consecutive ones, odd ones left over."""
@@ -324,6 +329,7 @@ def test_long_column_tiles(monkeypatch, block_n):
     check(*make_qkv(1, 1100, 1100, 4, 2, 32, torch.float32), pattern)
 
 
+@QUICK
 def test_long_pass_order():
     """The long pass's launch order: split by split (the last queries first), head by head, the most work
     first within a head; slots with nothing to do left out, unless the first query tile is not known."""
@@ -338,6 +344,7 @@ def test_long_pass_order():
     assert sorted(packed.tolist()) == list(range(tiles * splits * heads))
 
 
+@QUICK
 @pytest.mark.parametrize("n, lead", [(8, 0), (7, 0), (9, 3), (8, 2)])
 def test_tma_rows(n, lead):
     """lse / delta as the Gluon long pass reads them through TMA: the same values, ``lead`` zeros before each
@@ -369,6 +376,7 @@ WARP_SPECIALISED = (torch.cuda.is_available() and torch.cuda.get_device_capabili
                     and launch.GluonDescriptor is not None)
 
 
+@QUICK
 @pytest.mark.skipif(launch.GluonDescriptor is None, reason="needs Gluon (Triton >= 3.5)")
 def test_warp_specialised_only_where_they_apply(monkeypatch):
     """The Gluon kernels' dispatch (whatever the device, as if it were an H100): 16-bit tensors TMA can
@@ -422,7 +430,7 @@ def test_warp_specialised_kernels(monkeypatch, block, dim, dtype, causal, determ
         assert rel_err(a, b.double()) <= 4e-3
 
 
-@pytest.mark.parametrize("dtype, grad_tol", [(torch.float16, None), (torch.bfloat16, 0.3)])
+@pytest.mark.parametrize("dtype, grad_tol", [pytest.param(torch.float16, None, marks=QUICK), (torch.bfloat16, 0.3)])
 def test_large_scores_stay_finite(dtype, grad_tol):
     """Scores around 1e3-1e4 (large activations): the online softmax neither overflows nor NaNs,
     and the forward matches. The softmax is nearly one-hot, so dQ/dK rest on the cancellation
