@@ -93,8 +93,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("needle", help="passkey retrieval heatmap over context lengths x needle depths",
                               description=__doc__)
     p.add_argument("--checkpoint", nargs="+", type=existing_path, metavar="PATH",
-                   help="checkpoint directories written by `s2attn train` (nothing in them is unpickled); without "
-                        "it, a freshly built --variant model")
+                   help="checkpoint directories written by `s2attn train`; nothing in them is unpickled "
+                        "(default: a freshly built --variant model)")
     p.add_argument("--variant", default="hhst", choices=VARIANTS, help="model to build when no --checkpoint")
     p.add_argument("--lengths", type=int_list, default="1024,2048,4096,8192", metavar="TOKENS,...",
                    help="comma-separated context lengths")
