@@ -56,18 +56,15 @@ def main():
     a = ap.parse_args()
     T = launch.Tiles
     defaults = {name: getattr(launch, name) for name in ("DKDV_SPLITS", "USE_TMA", "WARP_SPECIALISED", "WS_TILES",
-                                                          "WS_FWD_STAGES", "WS_DQ_STAGES", "WS_DQ_FROM")}
-    ws = launch.WARP_SPECIALISED
-    triton_long = {"WARP_SPECIALISED": {**ws, "dkdv_long": False}}  # variants of the Triton kernels
-    triton_dq = {"WARP_SPECIALISED": {**ws, "dq": False}}
-    triton_fwd = {"WARP_SPECIALISED": {**ws, "fwd": False}}
-    variants = [("default", {}, {}), ("triton fwd", {}, triton_fwd), ("ws fwd stages2", {}, {"WS_FWD_STAGES": 2}),
-                ("triton long pass", {}, triton_long), ("triton dq", {}, triton_dq),
+                                                          "WS_DQ_STAGES", "WS_DQ_FROM")}
+    triton_long = {"WARP_SPECIALISED": {"dq": True, "dkdv_long": False}}  # variants of the Triton kernels
+    triton_dq = {"WARP_SPECIALISED": {"dq": False, "dkdv_long": True}}
+    variants = [("default", {}, {}), ("triton long pass", {}, triton_long), ("triton dq", {}, triton_dq),
                 ("ws dq stages3", {}, {"WS_DQ_STAGES": 3}),
                 ("ws dq everywhere", {}, {"WS_DQ_FROM": 0}), ("ws long stages3", {}, {"WS_TILES": T(64, 128, 12, 3)})]
     for off in ("fwd", "dq", "dkdv"):  # one kernel back on plain loads
         variants.append((f"no TMA {off}", {}, {"USE_TMA": {**launch.USE_TMA, off: False},
-                                                **({"dq": triton_dq, "fwd": triton_fwd}.get(off, {}))}))
+                                                **(triton_dq if off == "dq" else {})}))
     for bm, bn, w, st in [(32, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 4)]:
         variants.append((f"long bm{bm} bn{bn} w{w} s{st}", {"dkdv_long": T(bm, bn, w, st)}, triton_long))
     for bn in (16, 32):  # the short-column kernel's key tile (default: 64 keys, several small blocks to a tile)
@@ -75,8 +72,7 @@ def main():
     # unpaired tiles (TMA loads): 64 queries fit two programs an SM (shared memory), 128 queries one
     for kernel, bm, w, st in [("dq", 64, 4, 2), ("dq", 64, 4, 3), ("dq", 128, 8, 4), ("fwd", 64, 4, 2),
                               ("fwd", 64, 4, 3)]:
-        variants.append((f"{kernel} bm{bm} w{w} s{st} unpaired", {kernel: T(bm, 64, w, st)},
-                         {"WARP_SPECIALISED": {**ws, kernel: False}}))
+        variants.append((f"{kernel} bm{bm} w{w} s{st} unpaired", {kernel: T(bm, 64, w, st)}, triton_dq))
     for splits in (2, 8):
         variants.append((f"splits{splits}", {}, {"DKDV_SPLITS": splits}))
     wanted = [x for x in a.only.split(",") if x]

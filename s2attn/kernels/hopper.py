@@ -230,23 +230,18 @@ def _nth_block(j, a0, a_step, an, b_lo, bn, c_lo, cn, d_lo, dn, e0, stride):
 
 
 @gluon.jit
-def _key_ring_loader(q_desc, do_desc, k_desc, v_desc, q_bufs, do_bufs, k_bufs, v_bufs, q_ready, ready, empty,
-                     b, h, kvh, q_row0, steps, a0, a_step, an, b_lo, bn, c_lo, cn, d_lo, dn, e0, stride,
-                     BLOCK: gl.constexpr, HAS_DO: gl.constexpr):
-    """Query-major kernels' loader: the warpgroups' query rows (and dO rows, for dQ) once, then K and V tile
-    after tile through the ring."""
+def _dq_loader(q_desc, do_desc, k_desc, v_desc, q_bufs, do_bufs, k_bufs, v_bufs, qdo_ready, ready, empty,
+               b, h, kvh, q_row0, steps, a0, a_step, an, b_lo, bn, c_lo, cn, d_lo, dn, e0, stride,
+               BLOCK: gl.constexpr):
+    """The warpgroups' query and dO rows once, then K and V tile after tile through the ring."""
     stages: gl.constexpr = k_bufs.type.shape[0]
     KEYS: gl.constexpr = k_desc.block_type.shape[1]
     NSUB: gl.constexpr = BLOCK // KEYS  # key tiles to a pattern block
     ROWS_Q: gl.constexpr = q_desc.block_type.shape[1]
-    if HAS_DO:
-        mbarrier.expect(q_ready, 2 * (q_desc.block_type.nbytes + do_desc.block_type.nbytes))
-    else:
-        mbarrier.expect(q_ready, 2 * q_desc.block_type.nbytes)
+    mbarrier.expect(qdo_ready, 2 * (q_desc.block_type.nbytes + do_desc.block_type.nbytes))
     for w in gl.static_range(2):
-        tma.async_copy_global_to_shared(q_desc, [b, q_row0 + w * ROWS_Q, h, 0], q_ready, q_bufs.index(w))
-        if HAS_DO:
-            tma.async_copy_global_to_shared(do_desc, [b, q_row0 + w * ROWS_Q, h, 0], q_ready, do_bufs.index(w))
+        tma.async_copy_global_to_shared(q_desc, [b, q_row0 + w * ROWS_Q, h, 0], qdo_ready, q_bufs.index(w))
+        tma.async_copy_global_to_shared(do_desc, [b, q_row0 + w * ROWS_Q, h, 0], qdo_ready, do_bufs.index(w))
     for j in range(steps):
         s = j % stages
         kb, _ = _nth_block(j // NSUB, a0, a_step, an, b_lo, bn, c_lo, cn, d_lo, dn, e0, stride)
@@ -256,26 +251,6 @@ def _key_ring_loader(q_desc, do_desc, k_desc, v_desc, q_bufs, do_bufs, k_bufs, v
         mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(k_desc, [b, row, kvh, 0], bar, k_bufs.index(s))
         tma.async_copy_global_to_shared(v_desc, [b, row, kvh, 0], bar, v_bufs.index(s))
-
-
-@gluon.jit
-def _query_tile_steps(tile, len_k, local, stride, step, offset, heads_per_group, head_base, sparse_groups,
-                      homogeneous, h, TILE: gl.constexpr, BLOCK: gl.constexpr, KEYS: gl.constexpr,
-                      CAUSAL: gl.constexpr):
-    """Head ``h``'s rule, and the key blocks a tile of ``TILE`` queries reads as five segments (see
-    ``attention._row_segments``): ``(shift, dense, a0, a_step, an, b_lo, bn, c_lo, cn, d_lo, dn, e0, steps)``,
-    ``steps`` counting key tiles of ``KEYS``."""
-    shift, dense = _head_rule(h, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous)
-    qb_lo = (tile * TILE) // BLOCK
-    qb_hi = gl.minimum(tile * TILE + TILE - 1, len_k - 1) // BLOCK
-    a0, an, b_lo, b_hi, c_lo, c_hi, d_lo, d_hi, e0, en = _row_segments(
-        qb_lo, qb_hi, gl.cdiv(len_k, BLOCK), local, stride, shift, dense, CAUSAL)
-    a_step = gl.where(dense, 1, stride)
-    bn = gl.maximum(b_hi - b_lo + 1, 0)
-    cn = gl.maximum(c_hi - c_lo + 1, 0)
-    dn = gl.maximum(d_hi - d_lo + 1, 0)
-    steps = (an + bn + cn + dn + en) * (BLOCK // KEYS)
-    return shift, dense, a0, a_step, an, b_lo, bn, c_lo, cn, d_lo, dn, e0, steps
 
 
 @gluon.jit
@@ -359,9 +334,16 @@ def _attn_bwd_dq_ws(
     q_off = len_k - len_q
     tile = (len_k - 1) // TILE - gl.program_id(0)
     if tile >= q_off // TILE:
-        shift, dense, a0, a_step, an, b_lo, bn, c_lo, cn, d_lo, dn, e0, steps = _query_tile_steps(
-            tile, len_k, local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous, h,
-            TILE, BLOCK, k_desc.block_type.shape[1], CAUSAL)
+        shift, dense = _head_rule(h, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous)
+        qb_lo = (tile * TILE) // BLOCK
+        qb_hi = gl.minimum(tile * TILE + TILE - 1, len_k - 1) // BLOCK
+        a0, an, b_lo, b_hi, c_lo, c_hi, d_lo, d_hi, e0, en = _row_segments(
+            qb_lo, qb_hi, gl.cdiv(len_k, BLOCK), local, stride, shift, dense, CAUSAL)
+        a_step = gl.where(dense, 1, stride)
+        bn = gl.maximum(b_hi - b_lo + 1, 0)
+        cn = gl.maximum(c_hi - c_lo + 1, 0)
+        dn = gl.maximum(d_hi - d_lo + 1, 0)
+        steps = (an + bn + cn + dn + en) * (BLOCK // k_desc.block_type.shape[1])
         q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
         do_bufs = gl.allocate_shared_memory(do_desc.dtype, [2] + do_desc.block_type.shape, do_desc.layout)
         k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -384,116 +366,7 @@ def _attn_bwd_dq_ws(
                            dlse_ptr, delta_ptr, stride_os, stride_dos, stride_dqs, first1, len_q, len_k, q_off,
                            qk_scale, sm_scale, steps, a0, a_step, an, b_lo, bn, c_lo, cn, d_lo, dn, e0, local,
                            stride, shift, dense, 1, BLOCK, HEAD_DIM, CAUSAL, HAS_DLSE)),
-            (_key_ring_loader, (q_desc, do_desc, k_desc, v_desc, q_bufs, do_bufs, k_bufs, v_bufs, qdo_ready, ready,
-                                empty, b, h, h // heads_per_kv, first0 - q_off, steps, a0, a_step, an, b_lo, bn, c_lo,
-                                cn, d_lo, dn, e0, stride, BLOCK, True)),
-        ], [4, 1], [240, 24])
-
-
-# --------------------------------------------------------------------------- forward, query-major
-@gluon.jit
-def _fwd_compute(q_bufs, k_bufs, v_bufs, q_ready, ready, empty, O, LSE, stride_os, q_first, len_q, len_k, q_off,
-                 qk_scale, steps, a0, a_step, an, b_lo, bn, c_lo, cn, d_lo, dn, e0, local, stride, shift, dense,
-                 WG: gl.constexpr, BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr):
-    """Compute warpgroup ``WG``: the online softmax of its 64 query rows (positions from ``q_first``) over
-    the ring's key tiles, then ``out`` and ``lse``; ``O`` and ``LSE`` point at this head's row 0. The next
-    tile's scores are in flight while this tile's softmax runs (two score accumulators), and the other
-    warpgroup's products fill the tensor cores while this one exponentiates."""
-    stages: gl.constexpr = k_bufs.type.shape[0]
-    dtype: gl.constexpr = k_bufs.dtype
-    KEYS: gl.constexpr = k_bufs.type.shape[2]
-    NSUB: gl.constexpr = BLOCK // KEYS
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, KEYS, 16])
-    d_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=d_layout, k_width=2)
-    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-    q_pos = q_first + gl.arange(0, ROWS, row_layout)
-    qb_rows = q_pos // BLOCK
-    offs_n = gl.arange(0, KEYS, gl.SliceLayout(0, s_layout))
-    zeros_s = gl.zeros([ROWS, KEYS], gl.float32, s_layout)
-    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, d_layout)
-    m_i = gl.full([ROWS], float("-inf"), gl.float32, row_layout)
-    l_i = gl.zeros([ROWS], gl.float32, row_layout)
-    mbarrier.wait(q_ready, 0)
-    q = q_bufs.index(WG).reshape([ROWS, HEAD_DIM])
-    mbarrier.wait(ready.index(0), 0)  # a tile that exists reads at least its diagonal blocks: steps >= 1
-    s_next = warpgroup_mma(q, k_bufs.index(0).reshape([KEYS, HEAD_DIM]).permute((1, 0)), zeros_s, use_acc=False,
-                           is_async=True)
-    for j in range(steps):
-        s = j % stages
-        st = warpgroup_mma_wait(num_outstanding=0, deps=(s_next,))
-        if j + 1 < steps:  # the next tile's scores while this one's softmax runs
-            mbarrier.wait(ready.index((j + 1) % stages), (j + 1) // stages & 1)
-            k_next = k_bufs.index((j + 1) % stages).reshape([KEYS, HEAD_DIM]).permute((1, 0))
-            s_next = warpgroup_mma(q, k_next, zeros_s, use_acc=False, is_async=True)
-        kb, masked = _nth_block(j // NSUB, a0, a_step, an, b_lo, bn, c_lo, cn, d_lo, dn, e0, stride)
-        if masked:
-            k_pos = kb * BLOCK + (j % NSUB) * KEYS + offs_n
-            ok = _tile_ok(_rows_allowed(qb_rows, kb, local, stride, shift, dense, CAUSAL), q_pos, k_pos, len_k,
-                          CAUSAL)
-            st = gl.where(ok, st, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(st, 1) * qk_scale)  # qk_scale > 0: the max commutes with it
-        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = gl.exp2(m_i - m_use)
-        p = gl.exp2(st * qk_scale - m_use[:, None])
-        l_i = l_i * alpha + gl.sum(p, 1)
-        m_i = m_new
-        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, d_layout))[:, None]
-        v = v_bufs.index(s).reshape([KEYS, HEAD_DIM])
-        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), a_layout), v, acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))  # V's stage is free only once P @ V is done
-        mbarrier.arrive(empty.index(s), count=1)
-    nonempty = l_i > 0.0
-    l_safe = gl.where(nonempty, l_i, 1.0)
-    out = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, d_layout))[:, None]
-    q_row = q_pos - q_off
-    gl.store(LSE + q_row, gl.where(nonempty, (m_i + gl.log2(l_safe)) / 1.4426950408889634, float("-inf")),
-             mask=(q_row >= 0) & (q_row < len_q))
-    q_row_d = q_first + gl.arange(0, ROWS, gl.SliceLayout(1, d_layout)) - q_off
-    offs_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, d_layout))
-    io_mask = ((q_row_d >= 0) & (q_row_d < len_q))[:, None] & (offs_d < HEAD_DIM)[None, :]
-    gl.store(O + q_row_d.to(gl.int64)[:, None] * stride_os + offs_d[None, :], out.to(dtype), mask=io_mask)
-
-
-@gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "stride_os"])
-def _attn_fwd_ws(
-    q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-    seqlen_q, seqlen_k, heads_per_kv, qk_scale,
-    local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous,
-    BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
-):
-    """The forward of one tile of 128 queries (the last first), like ``attention._attn_fwd`` on the rule
-    path: a loader warp streams the tile's key tiles through a ring, two compute warpgroups take 64 query
-    rows each."""
-    TILE: gl.constexpr = 2 * ROWS
-    h = gl.program_id(1)
-    b = gl.program_id(2)
-    len_q = seqlen_q
-    len_k = seqlen_k
-    q_off = len_k - len_q
-    tile = (len_k - 1) // TILE - gl.program_id(0)
-    if tile >= q_off // TILE:
-        shift, dense, a0, a_step, an, b_lo, bn, c_lo, cn, d_lo, dn, e0, steps = _query_tile_steps(
-            tile, len_k, local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous, h,
-            TILE, BLOCK, k_desc.block_type.shape[1], CAUSAL)
-        q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
-        k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
-        v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
-        ready, empty, q_ready = _barriers(STAGES)
-        o_ptr = O + b * stride_ob + h * stride_oh
-        lse_ptr = LSE + b * stride_lb + h * stride_lh
-        first0 = tile * TILE
-        first1 = tile * TILE + ROWS
-        gl.warp_specialize([
-            (_fwd_compute, (q_bufs, k_bufs, v_bufs, q_ready, ready, empty, o_ptr, lse_ptr, stride_os, first0, len_q,
-                            len_k, q_off, qk_scale, steps, a0, a_step, an, b_lo, bn, c_lo, cn, d_lo, dn, e0, local,
-                            stride, shift, dense, 0, BLOCK, HEAD_DIM, CAUSAL)),
-            (_fwd_compute, (q_bufs, k_bufs, v_bufs, q_ready, ready, empty, o_ptr, lse_ptr, stride_os, first1, len_q,
-                            len_k, q_off, qk_scale, steps, a0, a_step, an, b_lo, bn, c_lo, cn, d_lo, dn, e0, local,
-                            stride, shift, dense, 1, BLOCK, HEAD_DIM, CAUSAL)),
-            (_key_ring_loader, (q_desc, q_desc, k_desc, v_desc, q_bufs, q_bufs, k_bufs, v_bufs, q_ready, ready,
-                                empty, b, h, h // heads_per_kv, first0 - q_off, steps, a0, a_step, an, b_lo, bn, c_lo,
-                                cn, d_lo, dn, e0, stride, BLOCK, False)),
+            (_dq_loader, (q_desc, do_desc, k_desc, v_desc, q_bufs, do_bufs, k_bufs, v_bufs, qdo_ready, ready, empty,
+                          b, h, h // heads_per_kv, first0 - q_off, steps, a0, a_step, an, b_lo, bn, c_lo, cn, d_lo,
+                          dn, e0, stride, BLOCK)),
         ], [4, 1], [240, 24])

@@ -29,7 +29,7 @@ try:  # the warp-specialised kernels for Hopper, in Gluon as of Triton 3.6 (its 
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
 
-    from .hopper import _attn_bwd_dkdv_long_ws, _attn_bwd_dq_ws, _attn_fwd_ws
+    from .hopper import _attn_bwd_dkdv_long_ws, _attn_bwd_dq_ws
 except ImportError:  # the Triton kernels everywhere
     GluonDescriptor = None
 
@@ -39,7 +39,7 @@ DKDV_CHUNK = 8  # fewest query tiles per dK/dV program on a long column (load ba
 DKDV_SPLITS = 4  # aim to cut the longest column into about this many chunks (H100, 8k-64k: 2 or 8 no better)
 TILE_OVERRIDES: dict = {}  # kernel name -> Tiles, for tuning runs (benchmarks/profile_bwd.py)
 USE_TMA = {"fwd": True, "dq": True, "dkdv": True}  # kernels that read tiles through TMA where they can (_descriptors)
-WARP_SPECIALISED = {"fwd": True, "dq": True, "dkdv_long": True}  # Gluon kernels on Hopper where they apply
+WARP_SPECIALISED = {"dq": True, "dkdv_long": True}  # Gluon kernels on Hopper where they apply (_hopper_descriptors)
 
 
 @dataclass(frozen=True)
@@ -202,7 +202,6 @@ def _long_order(n_tiles: int, n_sub: int, splits: int, chunk: int, col_blocks: i
 # warp, 12 warps in 64K registers: 240 a compute thread, 24 a loader); 2 stages (H100, 128k: 3 stages no faster,
 # long pass 34.2-35.9 ms against 34.2-35.4, dQ 22.4-22.6 against 22.4-22.5)
 WS_TILES = Tiles(64, 128, 12, 2)
-WS_FWD_STAGES = 3
 WS_DQ_STAGES = 2
 WS_DQ_FROM = 32768
 WS_MAXNREG = 168
@@ -214,18 +213,17 @@ def _is_hopper(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
 
 
-def _hopper_descriptors(block: int, varlen: bool, queries: tuple, keys: tuple):
-    """TMA descriptors for the warp-specialised kernels, of each of ``queries`` (q, dO: 64 rows a tile) and
-    ``keys`` (k, v: tiles of a block under 64 keys, else 64), or None where the Triton ones run instead: no
-    Gluon of Triton 3.6, not an sm_90 GPU, packed sequences (a TMA tile would read the neighbour's rows), fp32,
-    head dims other than 64 and 128, or tensors TMA cannot address (alignment, no queries)."""
-    q = queries[0]
+def _hopper_descriptors(q, k, v, do, lse, block: int, varlen: bool):
+    """TMA descriptors ``(q, do, k, v)`` for the warp-specialised kernels (64 rows a tile; k and v in tiles of a
+    block under 64), or None where the Triton ones run instead: no Gluon of Triton 3.6, not an sm_90 GPU,
+    packed sequences (a TMA tile would read the neighbour's rows), fp32, head dims other than 64 and 128, or
+    tensors TMA cannot address (alignment)."""
     if not (GluonDescriptor is not None and not varlen and q.element_size() == 2 and q.shape[-1] in (64, 128)
-            and _is_hopper(q.device)):
+            and lse.stride(-1) == 1 and _is_hopper(q.device)):
         return None
     dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     descs = []
-    for x, rows in [(x, 64) for x in queries] + [(x, min(block, 64)) for x in keys]:
+    for x, rows in ((q, 64), (do, 64), (k, min(block, 64)), (v, min(block, 64))):
         strides = _tma_strides(x)
         if strides is None:
             return None
@@ -288,17 +286,9 @@ def forward(q, k, v, *, cu_q, cu_k, max_q, max_k, rule, rows, block, scale, caus
     varlen, batch, cu_q, cu_k = _seq_args(q, k, cu_q, cu_k)
     heads, head_dim = q.shape[2], q.shape[3]
     use_table, table = _table_args(rows, q.device)
+    t = tiles("fwd", block, head_dim, use_table, q.element_size(), max_k)
     out = _new_like(q)
     lse = _new_like(q, (heads, q.shape[1]) if varlen else (batch, heads, q.shape[1]), torch.float32)
-    hopper = None if use_table or not WARP_SPECIALISED["fwd"] else _hopper_descriptors(block, varlen, (q,), (k, v))
-    if hopper:
-        _attn_fwd_ws[(triton.cdiv(max_q, 128) + 1, heads, batch)](
-            *hopper, out, lse, *_strides(out, varlen), *lse.stride()[:2], max_q, max_k, heads // k.shape[2],
-            scale * LOG2E, *rule[:8], BLOCK=block, HEAD_DIM=head_dim, CAUSAL=causal, STAGES=WS_FWD_STAGES,
-            num_warps=4, maxnreg=WS_MAXNREG,
-        )
-        return out, lse
-    t = tiles("fwd", block, head_dim, use_table, q.element_size(), max_k)
     n_tiles = triton.cdiv(max_k, t.block_m)
     grid = (triton.cdiv(max_q, t.block_m) + 1, heads, batch)
     block_d = triton.next_power_of_2(head_dim)
@@ -326,7 +316,7 @@ def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, row
     block_d = triton.next_power_of_2(head_dim)
     common = dict(BLOCK=block, HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, VARLEN=varlen,
                   UPCAST=_upcast(q.dtype))
-    hopper = None if use_table or lse.stride(-1) != 1 else _hopper_descriptors(block, varlen, (q, do), (k, v))
+    hopper = None if use_table else _hopper_descriptors(q, k, v, do, lse, block, varlen)
     ws_long = hopper is not None and WARP_SPECIALISED["dkdv_long"]
     lead = (max_k - max_q) % 4  # the long pass's lse / delta tiles start this many entries before a row
     if ws_long:  # the Gluon long pass reads lse and delta rows through TMA; dQ reads dlse with lse's strides

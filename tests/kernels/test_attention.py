@@ -384,16 +384,16 @@ def test_warp_specialised_only_where_they_apply(monkeypatch):
     other head dims, packed sequences, views off 16-byte alignment, or a GPU without ``wgmma``."""
     monkeypatch.setattr(launch, "_is_hopper", lambda device: True)
 
-    def descs(dtype=torch.bfloat16, dim=128, block=64, varlen=False, offset=0, queries=256):
+    def descs(dtype=torch.bfloat16, dim=128, block=64, varlen=False, offset=0):
         qkv = torch.zeros(1, 256, 3, dim + offset, dtype=dtype)[..., offset:]
-        q, k, v = (x.unsqueeze(2) for x in qkv.unbind(2))
-        return launch._hopper_descriptors(block, varlen, (q[:, :queries], q[:, :queries]), (k, v))
+        q, k, v = qkv.unbind(2)
+        lse = torch.zeros(1, 1, 256)
+        return launch._hopper_descriptors(*(x.unsqueeze(2) for x in (q, k, v, q)), lse, block, varlen)
 
     tiles = descs(block=16)
     assert tiles is not None and [d.block_shape[1] for d in tiles] == [64, 64, 16, 16]
     assert descs(torch.float16, dim=64, block=256) is not None
-    for case in (dict(dtype=torch.float32), dict(dim=96), dict(dim=256), dict(varlen=True), dict(offset=4),
-                 dict(queries=0)):
+    for case in (dict(dtype=torch.float32), dict(dim=96), dict(dim=256), dict(varlen=True), dict(offset=4)):
         assert descs(**case) is None, case
     monkeypatch.setattr(launch, "_is_hopper", lambda device: False)
     assert descs() is None
@@ -406,7 +406,7 @@ def test_warp_specialised_only_where_they_apply(monkeypatch):
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_warp_specialised_kernels(monkeypatch, block, dim, dtype, causal, deterministic):
-    """The Gluon forward, dQ and long pass (Hopper) against the reference and against the Triton kernels: four or
+    """The Gluon dQ and long pass (Hopper) against the reference and against the Triton kernels: four or
     two columns to a warpgroup, opening one after another (blocks 16, 32), two long columns to a 128-key
     tile (64), half a block a warpgroup (128), two tiles to a block (256); two or four key tiles to a block
     in dQ (which takes blocks of 64 and more); head dims 128 and 64; batch 2, GQA, a dense head, fewer queries
@@ -424,7 +424,7 @@ def test_warp_specialised_kernels(monkeypatch, block, dim, dtype, causal, determ
     if deterministic:  # stores, no atomics: bit-identical run to run
         for a, b in zip(ws, check(q, k, v, pattern, deterministic=True, with_lse=True)):
             assert torch.equal(a, b)
-    monkeypatch.setattr(launch, "WARP_SPECIALISED", {"fwd": False, "dq": False, "dkdv_long": False})
+    monkeypatch.setattr(launch, "WARP_SPECIALISED", {"dq": False, "dkdv_long": False})
     triton_grads = check(q, k, v, pattern, deterministic=deterministic, with_lse=deterministic)
     for a, b in zip(ws, triton_grads):
         assert rel_err(a, b.double()) <= 4e-3
