@@ -381,19 +381,21 @@ WARP_SPECIALISED = (torch.cuda.is_available() and torch.cuda.get_device_capabili
 def test_warp_specialised_only_where_they_apply(monkeypatch):
     """The Gluon kernels' dispatch (whatever the device, as if it were an H100): 16-bit tensors TMA can
     address, head dims 64 and 128, any pattern block (K and V in tiles of the block under 64); not fp32,
-    other head dims, packed sequences, views off 16-byte alignment, or a GPU without ``wgmma``."""
+    other head dims, packed sequences, views off 16-byte alignment, no queries, or a GPU without ``wgmma``."""
     monkeypatch.setattr(launch, "_is_hopper", lambda device: True)
 
-    def descs(dtype=torch.bfloat16, dim=128, block=64, varlen=False, offset=0):
+    def descs(dtype=torch.bfloat16, dim=128, block=64, varlen=False, offset=0, queries=256):
         qkv = torch.zeros(1, 256, 3, dim + offset, dtype=dtype)[..., offset:]
         q, k, v = qkv.unbind(2)
-        lse = torch.zeros(1, 1, 256)
+        q = q[:, :queries]
+        lse = torch.zeros(1, 1, queries)
         return launch._hopper_descriptors(*(x.unsqueeze(2) for x in (q, k, v, q)), lse, block, varlen)
 
     tiles = descs(block=16)
     assert tiles is not None and [d.block_shape[1] for d in tiles] == [64, 64, 16, 16]
     assert descs(torch.float16, dim=64, block=256) is not None
-    for case in (dict(dtype=torch.float32), dict(dim=96), dict(dim=256), dict(varlen=True), dict(offset=4)):
+    for case in (dict(dtype=torch.float32), dict(dim=96), dict(dim=256), dict(varlen=True), dict(offset=4),
+                 dict(queries=0)):
         assert descs(**case) is None, case
     monkeypatch.setattr(launch, "_is_hopper", lambda device: False)
     assert descs() is None
