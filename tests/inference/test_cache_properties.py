@@ -212,7 +212,7 @@ def test_random_schedules_match_the_plain_model(capsys):
 
 
 def test_soak_no_page_leaks_and_flat_memory(capsys):
-    """10,000 steps (and the arrivals and departures between them) of sequences growing, mostly by one
+    """10,000 completed steps (besides the failed and refused ones, and the arrivals and departures between them) of sequences growing, mostly by one
     token, failing and leaving, the pages accounted exactly after each. Each stored value says who wrote
     it (sequence, position, layer); every 500 iterations each sequence's tokens are read back from the
     pages: its own, or zeros where no page is kept. The Python heap (tracemalloc) must not grow over
@@ -228,9 +228,9 @@ def test_soak_no_page_leaks_and_flat_memory(capsys):
     stats = collections.Counter()
     pick = lambda n: int(torch.randint(n, (), generator=gen))  # noqa: E731
     it = 0
-    while stats["attempted"] < SOAK_STEPS:
+    while stats["steps"] < SOAK_STEPS:  # completed steps; failed and refused ones come on top
         it += 1
-        if stats["attempted"] == SOAK_STEPS // 2 and not tracemalloc.is_tracing():
+        if stats["steps"] == SOAK_STEPS // 2 and not tracemalloc.is_tracing():
             tracemalloc.start()
             heap_start = tracemalloc.get_traced_memory()[0]
         active = sorted(owner)
@@ -287,8 +287,8 @@ def test_soak_no_page_leaks_and_flat_memory(capsys):
         cache.remove_sequence(slot)
     assert all(cache.pages_in_use(layer) == 0 for layer in range(3))
     with capsys.disabled():
-        print(f"\n[cache soak] {stats['attempted']} steps: {stats['steps']} done, {stats['failed inside']} failed inside "
+        print(f"\n[cache soak] {stats['attempted']} steps tried: {stats['steps']} done, {stats['failed inside']} failed inside "
               f"and rolled back, {stats['refused for pages']} refused for pages; {stats['sequences']} sequences "
               f"({stats['removed']} removed); Python heap {heap_growth:+d} bytes over the last {SOAK_STEPS // 2} steps")
-    assert stats["steps"] >= SOAK_STEPS * 3 // 4 and stats["failed inside"] > 100
+    assert stats["failed inside"] > 100
     assert heap_growth < 64 * 1024
