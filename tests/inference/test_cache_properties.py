@@ -213,10 +213,10 @@ def test_random_schedules_match_the_plain_model(capsys):
 
 def test_soak_no_page_leaks_and_flat_memory(capsys):
     """10,000 completed steps (failed and refused ones on top, and the arrivals and departures between them)
-    of sequences growing, mostly by one token, failing and leaving, the pages accounted exactly after each. Each stored value says who wrote
-    it (sequence, position, layer); every 500 iterations each sequence's tokens are read back from the
-    pages: its own, or zeros where no page is kept. The Python heap (tracemalloc) must not grow over
-    the last 5,000 steps."""
+    of sequences growing, mostly by one token, failing and leaving, the pages accounted exactly after each.
+    Each stored value says who wrote it (sequence, position, layer); every 500 iterations each sequence's
+    tokens are read back from the pages: its own, or zeros where no page is kept. The Python heap
+    (tracemalloc) must not grow over the last 5,000 completed steps."""
     gen = torch.Generator().manual_seed(0)
     pattern = s2attn.local_stride(4, 512, 16, 2, 4, num_kv_heads=2)
     cache = SparseKVCache([pattern, s2attn.dense(512, 16, num_heads=4), pattern], num_layers=3, num_heads=4,
