@@ -200,18 +200,17 @@ def _random_schedule(data):
     STATS["schedules"] += 1
 
 
-def test_random_schedules_match_the_plain_model(capsys):
+def test_random_schedules_match_the_plain_model(record_property):
     STATS.clear()
     _random_schedule()
-    with capsys.disabled():
-        print(f"\n[cache properties] {STATS['schedules']} schedules, "
-              f"{STATS['sequences']} sequences, {STATS['prefill steps']} prefill and {STATS['decode steps']} decode "
-              f"steps checked, {STATS['steps failed inside']} failed inside and rolled back, "
-              f"{STATS['steps refused (pages)']} refused for pages, {STATS['steps refused (length)']} for length")
+    record_property("summary", f"cache properties: {STATS['schedules']} schedules, "
+                    f"{STATS['sequences']} sequences, {STATS['prefill steps']} prefill and {STATS['decode steps']} "
+                    f"decode steps checked, {STATS['steps failed inside']} failed inside and rolled back, "
+                    f"{STATS['steps refused (pages)']} refused for pages, {STATS['steps refused (length)']} for length")
     assert STATS["steps failed inside"] > 0 and STATS["decode steps"] > 0 and STATS["prefill steps"] > 0
 
 
-def test_soak_no_page_leaks_and_flat_memory(capsys):
+def test_soak_no_page_leaks_and_flat_memory(record_property):
     """10,000 completed steps (failed and refused ones on top, and the arrivals and departures between them)
     of sequences growing, mostly by one token, failing and leaving, the pages accounted exactly after each.
     Each stored value says who wrote it (sequence, position, layer); every 500 iterations each sequence's
@@ -286,9 +285,9 @@ def test_soak_no_page_leaks_and_flat_memory(capsys):
     for slot in list(owner):
         cache.remove_sequence(slot)
     assert all(cache.pages_in_use(layer) == 0 for layer in range(3))
-    with capsys.disabled():
-        print(f"\n[cache soak] {stats['attempted']} steps tried: {stats['steps']} done, {stats['failed inside']} failed inside "
-              f"and rolled back, {stats['refused for pages']} refused for pages; {stats['sequences']} sequences "
-              f"({stats['removed']} removed); Python heap {heap_growth:+d} bytes over the last {SOAK_STEPS // 2} steps")
+    record_property("summary", f"cache soak: {stats['attempted']} steps tried: {stats['steps']} done, "
+                    f"{stats['failed inside']} failed inside and rolled back, {stats['refused for pages']} refused "
+                    f"for pages; {stats['sequences']} sequences ({stats['removed']} removed); Python heap "
+                    f"{heap_growth:+d} bytes over the last {SOAK_STEPS // 2} steps")
     assert stats["failed inside"] > 100
     assert heap_growth < 64 * 1024
