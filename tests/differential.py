@@ -13,7 +13,6 @@ cases besides the attention calls. ``tests/test_differential.py`` runs the CPU m
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import random
 import sys
