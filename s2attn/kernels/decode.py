@@ -41,7 +41,7 @@ def _decode_split_kernel(
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
     scale_log2, head_dim, local_blocks, vert_stride,
-    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, M: tl.constexpr,
+    BLOCK: tl.constexpr, SUB: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, M: tl.constexpr,
     RULE: tl.constexpr, NUM_SPLITS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -67,7 +67,7 @@ def _decode_split_kernel(
     it_hi = tl.minimum(it_lo + per_split, n_blocks)
 
     offs_m = tl.arange(0, M)
-    offs_n = tl.arange(0, BLOCK)
+    offs_n = tl.arange(0, SUB)
     offs_d = tl.arange(0, HEAD_DIM)
     head = kvh * GROUP + offs_m
     m_ok = offs_m < GROUP
@@ -87,31 +87,33 @@ def _decode_split_kernel(
         else:
             j = it
         page = tl.load(table + j)
-        kpos = j * BLOCK + offs_n
-        # absent pages are never read (masked loads issue no memory traffic); the token mask is
-        # causality inside the query's own block
-        n_ok = (kpos < n) & (page >= 0)
-        kv_off = (tl.maximum(page, 0).to(tl.int64) * stride_kp + kvh * stride_kh + offs_n[:, None] * stride_kn
-                  + offs_d[None, :])
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        allowed = n_ok[None, :]
         if not RULE:
-            row = tl.load(BLOCK_MASK + head * stride_mh + qb.to(tl.int64) * stride_mq + j, mask=m_ok, other=0)
-            allowed = allowed & (row != 0)[:, None]
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+            row_ok = tl.load(BLOCK_MASK + head * stride_mh + qb.to(tl.int64) * stride_mq + j, mask=m_ok, other=0) != 0
+        for sub in tl.static_range(BLOCK // SUB):  # a page in pieces of SUB tokens that fit shared memory
+            kpos = j * BLOCK + sub * SUB + offs_n
+            # absent pages are never read (masked loads issue no memory traffic); the token mask is
+            # causality inside the query's own block
+            n_ok = (kpos < n) & (page >= 0)
+            kv_off = (tl.maximum(page, 0).to(tl.int64) * stride_kp + kvh * stride_kh
+                      + (sub * SUB + offs_n)[:, None] * stride_kn + offs_d[None, :])
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+            v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+            allowed = n_ok[None, :]
+            if not RULE:
+                allowed = allowed & row_ok[:, None]
+            s = tl.where(allowed, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
 
     nonempty = l_i > 0
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
@@ -157,6 +159,12 @@ def _merge_splits_kernel(
 
 def _padded(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs every dimension >= 16
+
+
+def _page_piece(block: int, head_dim: int, itemsize: int) -> int:
+    """Tokens of a page the kernel reads at once: the whole page unless its K and V tiles pass 128 KiB
+    (fp32 with 256-dim heads and 128-token pages needed 280 KiB of shared memory, the H100 has 227)."""
+    return min(block, max(16, (64 << 10) // (head_dim * itemsize)))
 
 
 def decode_attention(
@@ -231,7 +239,8 @@ def decode_attention(
         dst_out.stride(0), dst_out.stride(1), stride_os,
         dst_lse.stride(0), dst_lse.stride(1),
         softmax_scale * _LOG2E, head_dim, local_blocks, vert_stride,
-        BLOCK=block, HEAD_DIM=_padded(head_dim), GROUP=group,
+        BLOCK=block, SUB=_page_piece(block, _padded(head_dim), k_pages.element_size()), HEAD_DIM=_padded(head_dim),
+        GROUP=group,
         M=max(16, triton.next_power_of_2(group)), RULE=rule is not None, NUM_SPLITS=splits,
         UPCAST=upcast, PRECISION=precision, num_warps=4, num_stages=2,
     )

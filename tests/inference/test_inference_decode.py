@@ -8,6 +8,7 @@ import torch
 import s2attn
 from kvsim import DEVICE, TOL, Driver, kv_cache_efficient, rel_err
 from s2attn.inference import DecodePlan
+from s2attn.kernels import decode as decode_kernels
 
 H, HKV, B, MAX = 8, 2, 16, 256
 
@@ -70,6 +71,29 @@ def test_serving_on_the_cpu_takes_the_reference(patterns, monkeypatch):
     plan.set_slots([1, 0])
     drv.step([1, 0], 1, plan=plan)
     assert torch.all(plan.out[2] == 0) and torch.all(plan.lse[2] == float("-inf"))
+
+
+def test_decode_reads_a_large_page_in_pieces():
+    """fp32 with 256-dim heads and 128-token pages: K and V of a whole page (256 KiB) pass the H100's
+    shared memory (227 KiB; the GPU fuzz's case 16), so the kernel reads each page in two pieces."""
+    block = 128
+    assert decode_kernels._page_piece(block, 256, 4) == 64
+    pattern = s2attn.local_stride(4, 512, block, 1, 2, num_kv_heads=2)
+    drv = Driver([pattern], num_layers=1, num_heads=4, num_kv_heads=2, head_dim=256, num_pages=16, max_seqs=2)
+    a, b = drv.add(), drv.add()
+    drv.step([a, b], [300, 129])
+    for _ in range(2):
+        drv.step([a, b], 1)
+    assert max(drv.errors) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("itemsize", [2, 4])
+def test_page_pieces_fit_shared_memory(itemsize):
+    """Every page size and head dim the kernels take: K + V of one piece within 128 KiB, whole pieces."""
+    for block in (16, 32, 64, 128, 256):
+        for head_dim in (16, 32, 64, 128, 256):
+            piece = decode_kernels._page_piece(block, head_dim, itemsize)
+            assert block % piece == 0 and 2 * piece * head_dim * itemsize <= 128 << 10, (block, head_dim)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
