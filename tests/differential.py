@@ -17,6 +17,7 @@ import math
 import random
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 
 import torch
@@ -351,6 +352,8 @@ def run(seed: int, cases: int, gpu: bool, only: int | None = None, progress=None
             try:
                 errors = run_case(case, device)
             except Exception as e:  # a crash is a failure like a wrong value
+                if only is not None:  # a repro: the whole traceback
+                    traceback.print_exc()
                 errors = {"raised": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
             if errors:
                 failures.append(f"python tests/differential.py --seed {seed} --only {i}{' --gpu' if gpu else ''}  "
