@@ -349,10 +349,10 @@ def plot_losses(runs: list[Run], path: Path) -> Path | None:
             if len(logs) > 1:
                 ax.fill_between(tokens, [m - s for m, s in stats], [m + s for m, s in stats], color=line.get_color(),
                                 alpha=0.25, linewidth=0)
-    axes[0].set_yscale("log")
-    for ax, title in zip(axes, ("training loss (EMA), mean ± std over seeds", "answer-token accuracy (EMA)")):
-        ax.set_xlabel("tokens")
-        ax.set_title(title, fontsize=10)
+    axes[0].set(yscale="log", title="training loss (EMA), mean ± std over seeds")
+    axes[1].set(title="answer-token accuracy (EMA)")
+    for ax in axes:
+        ax.set(xlabel="tokens")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
