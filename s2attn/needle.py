@@ -88,6 +88,24 @@ def plot_heatmaps(grids: dict[str, torch.Tensor], lengths: Sequence[int], depths
     return path
 
 
+def depth_list(text: str) -> list[float]:
+    """``argparse`` type of ``--depths``: a count ``N`` (``N`` depths evenly spaced in [0, 1], both ends
+    included) or comma-separated fractions in [0, 1] (``0,0.25,0.5``; one fraction: ``0.5``)."""
+    if text.strip().isdigit():
+        count = int(text)
+        if count < 1:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number of depths or fractions in [0, 1]")
+        return [i / max(1, count - 1) for i in range(count)]
+    try:
+        depths = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        depths = []
+    if not depths or not all(0.0 <= d <= 1.0 for d in depths):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of depths or fractions in [0, 1], "
+                                         f"comma-separated")
+    return depths
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``needle`` subcommand to an ``argparse`` subparsers object."""
     p = subparsers.add_parser("needle", help="passkey retrieval heatmap over context lengths x needle depths",
@@ -98,7 +116,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--variant", default="hhst", choices=VARIANTS, help="model to build when no --checkpoint")
     p.add_argument("--lengths", type=int_list, default="1024,2048,4096,8192", metavar="TOKENS,...",
                    help="comma-separated context lengths")
-    p.add_argument("--depths", type=positive_int, default=5, help="number of needle depths, evenly spaced in [0, 1]")
+    p.add_argument("--depths", type=depth_list, default="5", metavar="N|F,F,...",
+                   help="needle depths: a number of them evenly spaced in [0, 1] (1 is the needle right before the "
+                        "question), or comma-separated fractions of the filler before the needle")
     p.add_argument("--samples", type=positive_int, default=10, help="samples per cell")
     p.add_argument("--batch-size", type=positive_int, default=4, help="sequences per forward pass")
     p.add_argument("--out", default="runs/needle", help="output directory")
@@ -128,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.checkpoint:
         pattern_settings(args, sparse=args.variant != "dense")  # the model options, checked before any output
     lengths = args.lengths
-    depths = [i / max(1, args.depths - 1) for i in range(args.depths)]
+    depths = args.depths
     out = output_dir(args.out, "--out")
     rows, grids = [], {}
     for name, model in _models(args, max(lengths)):

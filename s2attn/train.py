@@ -4,7 +4,8 @@ Every variant starts from the same initial weights (same seed, same shapes) and 
 same batches, so the loss curves differ only by the attention. Outputs under ``--out``:
 ``<variant>/checkpoint/`` (a ``save_pretrained`` directory: safetensors weights, nothing
 unpickled on loading), ``train_log.csv`` (one row per step), ``loss_curves.png`` (when
-matplotlib is installed) and ``summary.json`` / ``summary.md``.
+matplotlib is installed) and ``summary.json`` / ``summary.md``. With ``--eval-tokens``, each
+variant's summary row also holds its loss on held-out data of the same task (:func:`heldout_loss`).
 
 Variants: ``dense`` (PyTorch SDPA everywhere), ``hhst`` (``attn_implementation="s2attn"``,
 heterogeneous local-stride layers plus ``--dense-layers``), ``homo`` (the same with every head
@@ -39,6 +40,7 @@ LOSSES = ("answer", "all")
 CSV_FIELDS = ("variant", "step", "seq_len", "tokens", "loss", "answer_acc", "lr", "elapsed_s")
 CURRICULUM_FRACTION = 0.5  # of the steps, spent growing the sequence length from --min-len
 RUN_FILE = "s2attn_run.json"  # beside a checkpoint's config.json: variant, step, attention, arguments
+HELDOUT_SEED = "heldout"  # prefix of the held-out streams' seeds; training's are "<--seed>/<length>"
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -172,6 +174,39 @@ def answer_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(hits.sum()) / max(1, int(keep.sum()))
 
 
+@torch.no_grad()
+def heldout_loss(model, args: argparse.Namespace, length: int, tokens: int, text: data.TextFiles | None = None) -> dict:
+    """Loss and answer-token accuracy of ``model`` on held-out sequences of ``length`` tokens of ``args.task``,
+    as many as hold ``tokens`` (at least one), with the training loss (``args.loss``) and precision.
+
+    The sequences come from a stream seeded ``"heldout/<length>"``, never a training seed: the same
+    set for every variant and every ``--seed``, none of it seen in training. Loss and accuracy are
+    means over the supervised tokens of the whole set (not of per-batch means)."""
+    device = next(model.parameters()).device
+    count = max(1, math.ceil(tokens / length))
+    batch_size = min(count, max(1, args.batch_size * args.seq_len // length))  # training's tokens per forward
+    stream = data.batches(args.task, batch_size, length, seed=f"{HELDOUT_SEED}/{length}", text=text)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    was_training = model.training
+    model.eval()
+    loss_sum, supervised, hits, answers, done = 0.0, 0, 0, 0, 0
+    while done < count:
+        ids, labels = (x[: count - done].to(device) for x in next(stream))
+        target = (ids if args.loss == "all" else labels)[:, 1:]
+        with autocast:
+            logits = model(input_ids=ids).logits[:, :-1].float()
+        loss_sum += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(),
+                                                            ignore_index=data.IGNORE, reduction="sum"))
+        supervised += int((target != data.IGNORE).sum())
+        answer = labels[:, 1:] != data.IGNORE
+        hits += int(((logits.argmax(-1) == labels[:, 1:]) & answer).sum())
+        answers += int(answer.sum())
+        done += len(ids)
+    model.train(was_training)
+    return {"length": length, "sequences": count, "tokens": count * length, "loss": loss_sum / max(1, supervised),
+            "answer_acc": hits / max(1, answers)}
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -236,6 +271,11 @@ def train_variant(variant: str, args: argparse.Namespace, out: Path, writer, tex
     row = {"variant": variant, "params": params, "steps": args.steps, "tokens": tokens,
            "final_loss": sum(losses[-tail:]) / tail, "final_answer_acc": sum(accs[-tail:]) / tail,
            "tokens_per_s": tokens_per_s, "checkpoint": str(out / variant / "checkpoint")}
+    if args.eval_tokens:
+        lengths = args.eval_lengths or [args.seq_len]
+        row["heldout"] = [heldout_loss(model, args, n, args.eval_tokens, text) for n in lengths]
+        print(f"{variant}: held-out loss " + ", ".join(f"{r['length']}: {r['loss']:.4f}" for r in row["heldout"]),
+              flush=True)
     print(f"{variant}: final loss {row['final_loss']:.4f}, answer acc {row['final_answer_acc']:.3f}, "
           f"{tokens_per_s:,.0f} tokens/s ({params:,} params)", flush=True)
     return row
@@ -317,6 +357,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/train", help="output directory")
     p.add_argument("--device", type=torch_device, default=default_device(), help="torch device")
     p.add_argument("--seed", type=int, default=0, help="random seed (weights and data)")
+    p.add_argument("--eval-tokens", type=int, default=0, metavar="TOKENS",
+                   help="after training, the loss on this many held-out tokens of the task at each --eval-lengths, "
+                        "in summary.json (the same sequences for every variant and --seed; 0: none)")
+    p.add_argument("--eval-lengths", type=int_list, metavar="TOKENS,...",
+                   help="sequence lengths of the held-out loss (default: --seq-len)")
     add_model_args(p)
     p.set_defaults(func=run)
     return p
@@ -336,6 +381,13 @@ def run(args: argparse.Namespace) -> int:
     if min(args.min_len or args.seq_len, args.seq_len) < shortest:
         raise UsageError(f"--seq-len={args.seq_len}, --min-len={args.min_len}: task {args.task!r} needs sequences of "
                          f"at least {shortest} tokens")
+    if args.eval_tokens < 0:
+        raise UsageError(f"--eval-tokens={args.eval_tokens}: expected a number of tokens >= 0")
+    longest = len(text.tokens) if text else math.inf
+    if args.eval_lengths is not None and not all(shortest <= n <= longest for n in args.eval_lengths or [0]):
+        raise UsageError(f"--eval-lengths={','.join(map(str, args.eval_lengths))}: expected sequence lengths of at "
+                         f"least {shortest} tokens (task {args.task!r})" + (f", at most the {longest:,} bytes of "
+                                                                            f"--data" if text else ""))
     out = output_dir(args.out, "--out")
     log_path = out / "train_log.csv"
     rows = []

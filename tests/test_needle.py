@@ -1,5 +1,6 @@
 """`s2attn needle`: the scoring rule, and the command end to end at a toy size."""
 
+import argparse
 import csv
 from types import SimpleNamespace
 
@@ -50,6 +51,18 @@ def test_needle_on_checkpoints_and_fresh_model(tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * 2 * 3 and {r["model"] for r in rows} == {"dense", "hhst"}
     assert all(0.0 <= float(r["accuracy"]) <= 1.0 for r in rows)
-    assert needle.main([*toy, *grid, "--variant", "homo", "--out", str(tmp_path / "fresh")]) == 0
+    fresh = tmp_path / "fresh"  # beyond training's 128 tokens, at depths short of 100%
+    assert needle.main([*toy, *grid, "--depths", "0,0.9", "--variant", "homo", "--out", str(fresh)]) == 0
+    with open(fresh / "needle.csv") as f:
+        assert [(r["length"], r["depth"]) for r in csv.DictReader(f)] == [("128", "0.000"), ("128", "0.900"),
+                                                                          ("200", "0.000"), ("200", "0.900")]
     pytest.importorskip("matplotlib")
-    assert (out / "needle.png").stat().st_size > 0 and (tmp_path / "fresh" / "needle.png").exists()
+    assert (out / "needle.png").stat().st_size > 0 and (fresh / "needle.png").exists()
+
+
+def test_depths_are_a_count_or_fractions():
+    assert needle.depth_list("5") == [0.0, 0.25, 0.5, 0.75, 1.0] and needle.depth_list("1") == [0.0]
+    assert needle.depth_list("0,0.1, 0.95") == [0.0, 0.1, 0.95] and needle.depth_list("1.0") == [1.0]
+    for bad in ("0", "", "0,1.5", "-0.1", "half"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected a"):
+            needle.depth_list(bad)

@@ -1,10 +1,12 @@
 """`s2attn train` end to end at a toy size (CPU, reference attention)."""
 
+import argparse
 import csv
 import json
 import math
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,7 +25,7 @@ TOY = ["--seq-len", "160", "--steps", "4", "--batch-size", "2", "--layers", "2",
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("train")
-    assert train.main([*TOY, "--out", str(out)]) == 0
+    assert train.main([*TOY, "--eval-tokens", "80", "--eval-lengths", "40,80", "--out", str(out)]) == 0
     return out
 
 
@@ -122,6 +124,7 @@ def test_loss_on_all_tokens(tmp_path):
         summary = json.loads((out / "summary.json").read_text())
         assert summary["args"]["loss"] == loss
         first[loss] = summary["results"][0]["final_loss"]
+        assert "heldout" not in summary["results"][0]  # no --eval-tokens
     assert first["answer"] != first["all"]
 
 
@@ -168,3 +171,48 @@ def test_lr_schedule():
     lrs = [train.lr_at(s, 100, 1.0) for s in range(100)]
     assert lrs[0] == pytest.approx(0.2) and max(lrs) == pytest.approx(1.0)
     assert lrs[-1] == pytest.approx(0.1, abs=1e-3) and all(a >= b for a, b in zip(lrs[5:], lrs[6:]))
+
+
+def test_heldout_loss_in_the_summary(run_dir):
+    """--eval-tokens: the loss on held-out sequences at each --eval-lengths, in the variant's summary row."""
+    rows = json.loads((run_dir / "summary.json").read_text())["results"]
+    for r in rows:
+        assert [h["length"] for h in r["heldout"]] == [40, 80]
+        assert [h["sequences"] for h in r["heldout"]] == [2, 1] and [h["tokens"] for h in r["heldout"]] == [80, 80]
+        assert all(math.isfinite(h["loss"]) and 0 <= h["answer_acc"] <= 1 for h in r["heldout"])
+    assert rows[0]["heldout"] != rows[1]["heldout"]
+
+
+class Oracle(torch.nn.Module):
+    """Logits 30 on the true next token (the shifted input), 0 elsewhere; with ``wrong``, on the token after
+    it at the key's third-last digit (a passkey's answer is its last 5 tokens)."""
+
+    def __init__(self, wrong=False):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.wrong = wrong
+
+    def forward(self, input_ids):
+        nxt = torch.roll(input_ids, -1, dims=1)
+        if self.wrong:
+            nxt[:, -4] = (nxt[:, -4] + 1) % 256
+        return SimpleNamespace(logits=30 * torch.nn.functional.one_hot(nxt, 256).float())
+
+
+def test_heldout_set_is_fixed_and_apart_from_training(monkeypatch):
+    """The held-out sequences depend on neither --seed nor --batch-size, and come from a stream no training
+    seed names; loss and accuracy are over the supervised tokens (answer or all, as in training)."""
+    seeds = []
+    batches = train.data.batches
+    monkeypatch.setattr(train.data, "batches", lambda *a, **k: seeds.append(k["seed"]) or batches(*a, **k))
+    args = argparse.Namespace(task="passkey", loss="answer", batch_size=2, seq_len=160, seed=0)
+    result = train.heldout_loss(Oracle(), args, 80, 600)
+    assert result == {"length": 80, "sequences": 8, "tokens": 640, "loss": pytest.approx(0, abs=1e-9),
+                      "answer_acc": 1.0}
+    args.seed, args.batch_size = 7, 5
+    assert train.heldout_loss(Oracle(), args, 80, 600) == result
+    assert seeds == ["heldout/80", "heldout/80"]
+    wrong = train.heldout_loss(Oracle(wrong=True), args, 80, 600)
+    assert wrong["answer_acc"] == pytest.approx(0.8) and wrong["loss"] == pytest.approx(30 / 5, rel=1e-3)
+    every = train.heldout_loss(Oracle(), argparse.Namespace(task="copy", loss="all", batch_size=1, seq_len=80), 80, 1)
+    assert every["sequences"] == 1 and every["loss"] == pytest.approx(0, abs=1e-9)
