@@ -85,7 +85,8 @@ def check_softmax_scale(softmax_scale: object) -> None:
         return
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
         raise TypeError(f"softmax_scale={softmax_scale!r}: expected None or a positive finite float")
-    if not (math.isfinite(float(softmax_scale)) and softmax_scale > 0):
+    # compared, not math.isfinite: under torch.compile a new scale can arrive as a symbolic float (NaN fails both)
+    if not 0 < softmax_scale < math.inf:
         raise ValueError(f"softmax_scale={softmax_scale!r}: expected None or a positive finite float")
 
 

@@ -43,6 +43,21 @@ def test_compiled_fullgraph_matches_eager(monkeypatch):
         torch.testing.assert_close(a, b)
 
 
+def test_compiled_recompiles_for_new_shapes_and_scales():
+    """A second call with other lengths and another softmax_scale recompiles with dynamic shapes, where the
+    scale arrives as a symbolic float: validation must compare it, not call math.isfinite on it (torch
+    2.11's Dynamo refused that graph; the GPU fuzz's cases 13 then 19)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pattern = s2attn.local_stride(2, 256, 16, local_blocks=2, vert_stride=3)
+    compiled = torch.compile(s2attn.sparse_attention, fullgraph=True, backend="aot_eager")
+    for n, scale in ((48, 0.3), (80, 0.2), (112, 0.25)):
+        q, k, v = (torch.randn(1, n, 2, 16, device=device) for _ in range(3))
+        torch.testing.assert_close(compiled(q, k, v, pattern, softmax_scale=scale),
+                                   s2attn.sparse_attention(q, k, v, pattern, softmax_scale=scale))
+    with pytest.raises(Exception, match="softmax_scale=nan"):  # fullgraph: Dynamo's error, naming ours
+        compiled(q, k, v, pattern, softmax_scale=float("nan"))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_forward_backward():
     """Forward and backward captured in a CUDA graph after one eager step (kernels compiled, tables and
