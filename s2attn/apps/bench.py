@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .cli import Parser, add_pattern_options, int_list, output_dir, pattern_options, positive_int
-from .patterns import BlockPattern, local_stride
+from ..patterns import BlockPattern, local_stride
+from .options import Parser, add_pattern_options, int_list, output_dir, pattern_options, positive_int
 
 FWD_FLOPS_PER_PAIR = 4  # QK^T and PV, 2 FLOPs per multiply-add, times head_dim
 BWD_FACTOR = 2.5  # five matmuls backward vs two forward
@@ -96,7 +96,7 @@ def run(seqlens, heads=32, head_dim=128, local=512, stride=16, block=64, provide
     providers = providers or ["s2attn", "sdpa-flash", "sdpa-cudnn", "flex-128", "flex-same"]
     from torch.nn.attention import SDPBackend
 
-    from .api import sparse_attention
+    from ..api import sparse_attention
 
     rows: list[Row] = []
     dev = "cuda"

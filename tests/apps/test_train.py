@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 
 import safetensors.torch  # noqa: E402
 
-from s2attn import needle, train  # noqa: E402
+from s2attn.apps import needle, train  # noqa: E402
 
 TOY = ["--seq-len", "160", "--steps", "4", "--batch-size", "2", "--layers", "2", "--d-model", "32", "--heads", "4",
        "--kv-heads", "2", "--block-size", "16", "--local", "32", "--stride", "2", "--dense-layers", "1",
@@ -138,7 +138,7 @@ def test_length_curriculum(tmp_path):
 
 
 def test_bad_arguments_are_named(tmp_path, capsys):
-    """More cases in tests/test_cli.py; here: through ``python -m s2attn.train``'s entry point."""
+    """More cases in tests/apps/test_cli.py; here: through ``python -m s2attn.apps.train``'s entry point."""
     assert train.main([*TOY, "--min-len", "200", "--out", str(tmp_path)]) == 2
     assert "s2attn train: error: --min-len=200" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
@@ -152,7 +152,7 @@ def test_homogeneous_ablation_does_not_warn_but_hhst_would():
     cannot cover warns."""
     import warnings
 
-    from s2attn.cli import build_parser
+    from s2attn.apps.cli import build_parser
     from s2attn.coverage import NotUnionCompleteWarning
 
     parser = build_parser("train")

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data
-from .cli import UsageError, default_device, existing_path, int_list, output_dir, positive_int, torch_device
+from .options import UsageError, default_device, existing_path, int_list, output_dir, positive_int, torch_device
 from .train import VARIANTS, add_model_args, build_config, build_model, load_checkpoint, pattern_settings
 
 
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m s2attn.needle [options]``: the same as ``s2attn needle [options]``."""
+    """``python -m s2attn.apps.needle [options]``: the same as ``s2attn needle [options]``."""
     from .cli import main as cli_main
 
     return cli_main(["needle", *(sys.argv[1:] if argv is None else argv)])

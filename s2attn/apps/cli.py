@@ -1,9 +1,7 @@
 """The ``s2attn`` command: ``demo``, ``patterns``, ``bench``, and subcommands contributed by feature modules.
 
-Every subcommand takes its pattern in the same units (:func:`add_pattern_options`): ``--local`` in
-tokens, ``--stride`` as "every N-th key block", ``--block-size`` in tokens. A bad value ends the
-command with one line naming the option (exit code 2): argparse's own checks through
-:class:`Parser`, the checks that need several options through :class:`UsageError`.
+The options every command shares (pattern, device, output) and the one-line errors are in
+:mod:`.options`; a command's module is imported only when that command runs.
 """
 
 from __future__ import annotations
@@ -12,7 +10,6 @@ import argparse
 import importlib
 import importlib.metadata
 import importlib.util
-import os
 import sys
 import textwrap
 from pathlib import Path
@@ -20,139 +17,18 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import __version__
-from .patterns import BLOCK_SIZES
+from .. import __version__
+from .options import (DEFAULT_BLOCK, DEFAULT_HEADS, DEFAULT_LOCAL_TOKENS, DEFAULT_STRIDE, Parser, UsageError,
+                      add_pattern_options, output_dir, pattern_options, positive_int)
 
 # Subcommands defined in other modules: name -> (module, one-line help). The module defines
 # ``add_parser(subparsers) -> argparse.ArgumentParser``, which adds the subcommand under the same name
 # and sets ``func`` (``args -> exit code``) as a default. It is imported only when its subcommand runs,
 # so ``s2attn --help`` and ``s2attn patterns`` stay fast. Add one line here per feature.
 FEATURE_COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("s2attn.train", "train dense / HHST / homogeneous models on synthetic data and compare them"),
-    "needle": ("s2attn.needle", "passkey retrieval accuracy over context lengths x needle depths"),
+    "train": ("s2attn.apps.train", "train dense / HHST / homogeneous models on synthetic data and compare them"),
+    "needle": ("s2attn.apps.needle", "passkey retrieval accuracy over context lengths x needle depths"),
 }
-
-# The paper's default S2 configuration (README, "Performance").
-DEFAULT_HEADS, DEFAULT_BLOCK, DEFAULT_LOCAL_TOKENS, DEFAULT_STRIDE = 32, 64, 512, 16
-
-
-# ---------------------------------------------------------------- parsing
-class UsageError(Exception):
-    """A bad command-line value found after parsing: :func:`main` prints ``s2attn COMMAND: error: MESSAGE``
-    on one line and returns 2. The message names the option, its value and what was expected."""
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Docstring descriptions as written; every option's default appended to its help (options whose
-    default is ``None`` say in words what they default to)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "(default" in text or any(action.default is x for x in (None, False, argparse.SUPPRESS)):
-            return text
-        return f"{text} (default: %(default)s)"
-
-
-class Parser(argparse.ArgumentParser):
-    """``argparse`` with :class:`HelpFormatter` and one-line errors (exit code 2)."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", HelpFormatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def positive_int(text: str) -> int:
-    """``argparse`` type: an integer >= 1."""
-    value = int(text) if text.strip().lstrip("+-").isdigit() else 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
-    return value
-
-
-def int_list(text: str) -> list[int]:
-    """``argparse`` type: comma-separated integers (empty allowed)."""
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers") from None
-
-
-def existing_file(text: str) -> str:
-    """``argparse`` type: a path to an existing file."""
-    if not Path(text).is_file():
-        raise argparse.ArgumentTypeError(f"{text!r}: no such file")
-    return text
-
-
-def existing_path(text: str) -> str:
-    """``argparse`` type: a path to an existing file or directory."""
-    if not Path(text).exists():
-        raise argparse.ArgumentTypeError(f"{text!r}: no such file or directory")
-    return text
-
-
-def torch_device(text: str) -> str:
-    """``argparse`` type: a torch device this machine has (``cpu``, ``cuda``, ``cuda:1``)."""
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a torch device such as cpu or cuda") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count()
-        if count == 0:
-            raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine (torch "
-                                             f"{torch.__version__}); expected cpu")
-        if (device.index or 0) >= count:
-            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA device(s)")
-    elif device.type != "cpu":
-        raise argparse.ArgumentTypeError(f"{text!r}: expected cpu or cuda")
-    return text
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def output_dir(path: str | os.PathLike, option: str) -> Path:
-    """Create directory ``path`` (and its parents) for the output option ``option``, or raise :class:`UsageError`."""
-    try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"{option}={str(path)!r}: cannot create this directory ({e.strerror or e})") from None
-    return Path(path)
-
-
-def add_pattern_options(p: argparse.ArgumentParser, *, local: int, stride: int, dense_kv_heads: bool = True) -> None:
-    """The local-stride options every subcommand shares, in the same units everywhere."""
-    g = p.add_argument_group("pattern (local-stride, README: Choosing a pattern)")
-    g.add_argument("--block-size", type=int, default=DEFAULT_BLOCK, choices=BLOCK_SIZES, metavar="TOKENS",
-                   help=f"tokens per block, one of {', '.join(map(str, BLOCK_SIZES))}")
-    g.add_argument("--local", type=positive_int, default=local, metavar="TOKENS",
-                   help="local window in tokens, a multiple of --block-size")
-    g.add_argument("--stride", type=positive_int, default=stride, metavar="N",
-                   help="vertical stride: every N-th key block, the offset rotated across kv-head groups")
-    if dense_kv_heads:
-        g.add_argument("--dense-kv-heads", type=int, default=0, metavar="N",
-                       help="the last N kv heads, with all their query heads, attend densely")
-
-
-def pattern_options(args: argparse.Namespace, heads: int, kv_heads: int) -> dict:
-    """The :func:`s2attn.local_stride` keyword arguments of :func:`add_pattern_options` (``block_size``,
-    ``local_blocks``, ``vert_stride``, ``num_dense_heads``), checked against each other and the head counts."""
-    if heads % kv_heads:
-        raise UsageError(f"--kv-heads={kv_heads}: expected a divisor of --heads={heads}")
-    if args.local % args.block_size:
-        raise UsageError(f"--local={args.local}: expected a multiple of --block-size={args.block_size} (tokens)")
-    settings = dict(block_size=args.block_size, local_blocks=args.local // args.block_size, vert_stride=args.stride)
-    if hasattr(args, "dense_kv_heads"):
-        if not 0 <= args.dense_kv_heads <= kv_heads:
-            raise UsageError(f"--dense-kv-heads={args.dense_kv_heads}: expected 0 to --kv-heads={kv_heads}")
-        settings["num_dense_heads"] = args.dense_kv_heads
-    return settings
-
 
 # ---------------------------------------------------------------- pattern figures
 # local_stride arguments as the options that set them, for the settings `patterns` suggests
@@ -165,7 +41,7 @@ def describe(pattern, seq_len: int) -> list[str]:
 
     Everything here is closed form for rule patterns: a million tokens take milliseconds.
     """
-    from .coverage import explain, nearest_union_complete
+    from ..coverage import explain, nearest_union_complete
 
     B = pattern.block_size
     n = pattern.num_blocks(seq_len)
@@ -217,7 +93,7 @@ def kv_capacity(pattern, seq_len: int, layers: int, heads: int, kv_heads: int, h
                 memory_gib: float) -> list[str]:
     """What one ``seq_len``-token sequence's KV cache takes with ``pattern`` in every layer (bf16), and
     how many such sequences fit in ``memory_gib`` GiB, against a dense cache."""
-    from .inference import sequences_that_fit
+    from ..inference import sequences_that_fit
 
     fit = sequences_that_fit(int(memory_gib * 2**30), seq_len, pattern, num_layers=layers, num_heads=heads,
                              num_kv_heads=kv_heads, head_dim=head_dim)
@@ -254,7 +130,7 @@ def _add_patterns(sub) -> None:
 
 
 def _patterns(args: argparse.Namespace) -> int:
-    from .patterns import local_stride
+    from ..patterns import local_stride
 
     kv_heads = args.heads if args.kv_heads is None else args.kv_heads
     settings = pattern_options(args, args.heads, kv_heads)
@@ -297,7 +173,7 @@ def _add_demo(sub) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .patterns import local_stride
+    from ..patterns import local_stride
 
     png = output_dir(args.out, "--out") / "pattern.png"
     pattern = local_stride(DEFAULT_HEADS, args.seq_len, DEFAULT_BLOCK, DEFAULT_LOCAL_TOKENS // DEFAULT_BLOCK,
@@ -327,10 +203,10 @@ def check_against_reference(device: torch.device, dtype: torch.dtype, tol: float
 
     Prints the relative errors ``|x - ref| / |ref|`` of out, dq, dk, dv and PASS/FAIL against ``tol``.
     """
-    from .api import sparse_attention
-    from .ops import use_kernel
-    from .patterns import local_stride
-    from .reference import reference_attention
+    from ..api import sparse_attention
+    from ..ops import use_kernel
+    from ..patterns import local_stride
+    from ..reference import reference_attention
 
     batch, seqlen, heads, kv_heads, head_dim, block = 1, 300, 4, 2, 64, 16
     pattern = local_stride(heads, seqlen, block, 2, 4, num_kv_heads=kv_heads)
@@ -359,12 +235,12 @@ def check_against_reference(device: torch.device, dtype: torch.dtype, tol: float
 
 # ---------------------------------------------------------------- s2attn bench
 def _add_bench(sub) -> None:
-    sub.add_parser("bench", add_help=False, help="GPU benchmarks (s2attn.bench; its own options follow)",
+    sub.add_parser("bench", add_help=False, help="GPU benchmarks (s2attn.apps.bench; its own options follow)",
                    ).set_defaults(func=lambda args: _run_bench(args.rest))
 
 
 def _run_bench(argv: list[str]) -> int:
-    return int(importlib.import_module("s2attn.bench").main(argv) or 0)
+    return int(importlib.import_module("s2attn.apps.bench").main(argv) or 0)
 
 
 # ---------------------------------------------------------------- entry point

@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from s2attn import data, needle, train  # noqa: E402
+from s2attn.apps import data, needle, train  # noqa: E402
 
 
 class Oracle(torch.nn.Module):

@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..models import hhst_config, tiny_llama
 from . import data
-from .cli import (UsageError, add_pattern_options, default_device, existing_file, int_list, output_dir, pattern_options,
-                  positive_int, torch_device)
-from .models import hhst_config, tiny_llama
+from .options import (UsageError, add_pattern_options, default_device, existing_file, int_list, output_dir,
+                      pattern_options, positive_int, torch_device)
 
 VARIANTS = ("dense", "hhst", "homo")
 LOSSES = ("answer", "all")
@@ -109,7 +109,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
     checkpoint runs: a file that holds more than tensors and plain values is refused."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from .integrations import transformers as hf
+    from ..integrations import transformers as hf
 
     path = Path(path)
     if path.is_dir():
@@ -355,7 +355,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m s2attn.train [options]``: the same as ``s2attn train [options]``."""
+    """``python -m s2attn.apps.train [options]``: the same as ``s2attn train [options]``."""
     from .cli import main as cli_main
 
     return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])

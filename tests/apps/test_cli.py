@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import s2attn
-from s2attn import cli
+from s2attn.apps import cli
 
 pytestmark = pytest.mark.quick  # `make test-quick`
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args, timeout=120):
@@ -87,7 +87,7 @@ def test_demo_runs_on_cpu(tmp_path):
 
 def test_bench_delegates_to_the_bench_module(monkeypatch):
     calls = []
-    monkeypatch.setitem(sys.modules, "s2attn.bench", types.SimpleNamespace(main=lambda argv: calls.append(argv)))
+    monkeypatch.setitem(sys.modules, "s2attn.apps.bench", types.SimpleNamespace(main=lambda argv: calls.append(argv)))
     assert cli.main(["bench", "--quick", "--seq-len", "8192"]) == 0
     assert cli.main(["bench", "--help"]) == 0
     assert calls == [["--quick", "--seq-len", "8192"], ["--help"]]
@@ -194,13 +194,13 @@ def test_bad_values_end_in_one_line_naming_the_option(argv, named, tmp_path, mon
 def test_window_options_are_tokens_in_every_subcommand():
     """--local 512 --stride 8 --block-size 64 is the same pattern (8 local blocks, every 8th block) everywhere."""
     pytest.importorskip("transformers")
-    from s2attn import bench, train
+    from s2attn.apps import bench, options, train
 
     argv = ["--local", "512", "--stride", "8", "--block-size", "64"]
     parsers = [subparser(name) for name in ("patterns", "train", "needle")] + [bench.build_parser()]
     parsed = [p.parse_args(argv) for p in parsers]
     for args in parsed:
-        assert cli.pattern_options(args, 8, 8) == dict(block_size=64, local_blocks=8, vert_stride=8,
+        assert options.pattern_options(args, 8, 8) == dict(block_size=64, local_blocks=8, vert_stride=8,
                                                        **({"num_dense_heads": 0} if "dense_kv_heads" in args else {}))
     config = train.build_config("hhst", parsed[1], 1024)
     assert (config.s2attn["local_blocks"], config.s2attn["vert_stride"], config.s2attn["block_size"]) == (8, 8, 64)
@@ -216,7 +216,7 @@ def subparser(name):
 
 def every_parser():
     """(name, parser) of every subcommand, bench's own parser included (feature commands need their extras)."""
-    from s2attn import bench
+    from s2attn.apps import bench
 
     names = ["patterns", "demo"] + [n for n in cli.FEATURE_COMMANDS if importlib.util.find_spec("transformers")]
     return [(n, subparser(n)) for n in names] + [("bench", bench.build_parser())]

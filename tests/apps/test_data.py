@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from s2attn import data
+from s2attn.apps import data
 
 pytestmark = pytest.mark.quick  # `make test-quick`
 
