@@ -22,7 +22,7 @@ DEFAULT_HEADS, DEFAULT_BLOCK, DEFAULT_LOCAL_TOKENS, DEFAULT_STRIDE = 32, 64, 512
 
 # ---------------------------------------------------------------- parsing
 class UsageError(Exception):
-    """A bad command-line value found after parsing: :func:`main` prints ``s2attn COMMAND: error: MESSAGE``
+    """A bad command-line value found after parsing: :func:`.cli.main` prints ``s2attn COMMAND: error: MESSAGE``
     on one line and returns 2. The message names the option, its value and what was expected."""
 
 
