@@ -12,8 +12,8 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from s2attn import data
-from s2attn.train import VARIANTS, add_model_args, build_config, build_model
+from s2attn.apps import data
+from s2attn.apps.train import VARIANTS, add_model_args, build_config, build_model
 
 
 def step_fn(model, opt, batch):

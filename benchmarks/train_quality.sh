@@ -76,10 +76,10 @@ print(f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}, 
 EOF
 
 start=$(date +%s)
-PYTHONPATH=. "$PY" -m s2attn.train --variants dense,hhst,homo --task "$TASK" --loss "$LOSS" --seq-len "$SEQ" \
+PYTHONPATH=. "$PY" -m s2attn train --variants dense,hhst,homo --task "$TASK" --loss "$LOSS" --seq-len "$SEQ" \
   --min-len "$MIN_LEN" --steps "$STEPS" --batch-size "$BATCH" --lr "$LR" --device "$DEVICE" --out "$WORK/train" "${MODEL[@]}"
 trained=$(date +%s)
-PYTHONPATH=. "$PY" -m s2attn.needle --checkpoint "$WORK"/train/{dense,hhst,homo}/checkpoint \
+PYTHONPATH=. "$PY" -m s2attn needle --checkpoint "$WORK"/train/{dense,hhst,homo}/checkpoint \
   --lengths "$NEEDLE_LENGTHS" --depths 5 --samples "$NEEDLE_SAMPLES" --device "$DEVICE" --out "$WORK/needle"
 done_at=$(date +%s)
 
@@ -92,7 +92,7 @@ from pathlib import Path
 import torch, transformers, triton
 
 from s2attn.integrations.transformers import layer_pattern
-from s2attn.train import build_config
+from s2attn.apps.train import build_config
 
 out, seq = Path(sys.argv[1]), int(os.environ["SEQ"])
 summary = json.loads((out / "summary.json").read_text())

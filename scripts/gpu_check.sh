@@ -32,11 +32,11 @@ if [[ $what == profile ]]; then
   timeout ${PROFILE_TIMEOUT:-300} python3 benchmarks/profile_bwd.py ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.log" | tail -30
 fi
 if [[ $what == bench || $what == all ]]; then
-  timeout ${BENCH_TIMEOUT:-420} python3 -m s2attn.bench ${BENCH_ARGS:-} --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log" | grep -v "^\s*$" | tail -40
+  timeout ${BENCH_TIMEOUT:-420} python3 -m s2attn bench ${BENCH_ARGS:-} --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log" | grep -v "^\s*$" | tail -40
 fi
 if [[ $what == extra || $what == all ]]; then
   # block 16 (Merge-Q) vs block 64 at the same density; first-call time; 1M tokens
-  timeout 150 python3 -m s2attn.bench --seqlens 32768,131072 --block-size 16 --providers s2attn,flex-same \
+  timeout 150 python3 -m s2attn bench --seqlens 32768,131072 --block-size 16 --providers s2attn,flex-same \
       --out "$OUT/bench16" 2>&1 | tail -8
   timeout 120 python3 benchmarks/bench_long.py 2>&1 | tee "$OUT/long.log" | tail -4
 fi

@@ -44,7 +44,7 @@ def test_token_labels():
 
 def test_plot_writes_png(tmp_path):
     pytest.importorskip("matplotlib")
-    for p, name in [(local_stride(8, 1 << 16, 64, 8, 16, num_kv_heads=4), "gqa.png"),  # 1M: tests/test_cli.py
+    for p, name in [(local_stride(8, 1 << 16, 64, 8, 16, num_kv_heads=4), "gqa.png"),  # 1M: tests/apps/test_cli.py
                     (from_mask(torch.rand(3, 9, 9) < 0.5, 16), "mask.png"),
                     (dense(100, 16), "shared.png"),
                     (local_stride(4, 1024, 16, 2, 4, causal=False, homogeneous=True), "bidirectional.png")]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import s2attn
-from s2attn import cli
+from s2attn.apps import cli
 
 pytestmark = pytest.mark.quick  # `make test-quick`
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 
-from ..integrations import transformers as hf
-
 
 def hhst_config(
     base_config,
@@ -37,6 +35,8 @@ def hhst_config(
     ``from_pretrained``: ``transformers`` does not save it; a model loaded without it warns once).
     A base config with a sliding window or soft-capping is refused.
     """
+    from ..integrations import transformers as hf  # needs transformers: imported on use
+
     hf.check_model_config(base_config)
     hf.register()
     config = copy.deepcopy(base_config)

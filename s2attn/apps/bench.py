@@ -1,0 +1,231 @@
+"""``s2attn bench``: s2attn's kernels beside the ones users would use instead (README, "Performance").
+
+bf16, causal, batch 1, ``triton.testing.do_bench`` median (warm-up 25 ms, rep 100 ms) after a
+warm-up call; forward and backward timed separately (backward: the backward call alone, on a
+retained graph). Providers, all in the same run:
+
+* ``s2attn``: our kernels on the local-stride pattern;
+* ``sdpa-flash`` / ``sdpa-cudnn``: dense causal attention through PyTorch SDPA backends;
+* ``flex-same``: FlexAttention on the identical pattern (it tiles by 128: partial tiles masked);
+* ``flex-128``: FlexAttention on the same rule built with 128-token blocks (its best case).
+
+Effective TFLOP/s counts the FLOPs of the blocks each provider must compute for *its* pattern
+(dense causal for SDPA): 4·d per allowed (query, key) pair forward, 2.5× that backward.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..patterns import BlockPattern, local_stride
+from .options import Parser, add_pattern_options, int_list, output_dir, pattern_options, positive_int
+
+FWD_FLOPS_PER_PAIR = 4  # QK^T and PV, 2 FLOPs per multiply-add, times head_dim
+BWD_FACTOR = 2.5  # five matmuls backward vs two forward
+
+
+@dataclass
+class Row:
+    seqlen: int
+    provider: str
+    fwd_ms: float
+    bwd_ms: float
+    fwd_tflops: float
+    bwd_tflops: float
+    density: float
+    note: str = ""
+
+
+def _pairs(pattern: BlockPattern | None, seqlen: int, heads: int) -> float:
+    """Allowed (query, key) pairs over all heads, at block granularity (causal diagonal halved)."""
+    if pattern is None:
+        return heads * seqlen * (seqlen + 1) / 2
+    blocks = pattern.blocks_per_row(seqlen).sum().item() * (heads // pattern.pattern_heads)
+    n = pattern.num_blocks(seqlen)
+    diag = heads * n * pattern.block_size**2 / 2  # diagonal blocks are half-computed
+    return blocks * pattern.block_size**2 - diag
+
+
+def _time(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def _spin_up(seconds: float = 2.0) -> None:
+    """Bf16 matrix products for a couple of seconds, so the first measurement does not catch the
+    GPU at idle clocks (an 8k forward measured first read 0.72 ms once, 0.50 ms after others)."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    end = time.time() + seconds
+    while time.time() < end:
+        for _ in range(20):
+            a @ a
+        torch.cuda.synchronize()
+
+
+def _measure(run_fwd, q, k, v) -> tuple[float, float]:
+    """Median ms of the forward, and of the backward alone."""
+    out = run_fwd(q, k, v)
+    grad = torch.randn_like(out)
+    out.backward(grad, retain_graph=True)  # warm-up (compiles)
+    torch.cuda.synchronize()
+    fwd = _time(lambda: run_fwd(q, k, v))
+    bwd = _time(lambda: out.backward(grad, retain_graph=True))
+    return fwd, bwd
+
+
+def _sdpa(backend):
+    from torch.nn.attention import sdpa_kernel
+
+    def run(q, k, v):
+        with sdpa_kernel(backend):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    return run
+
+
+def run(seqlens, heads=32, head_dim=128, local=512, stride=16, block=64, providers=None, out=None,
+        progress=print) -> list[Row]:
+    providers = providers or ["s2attn", "sdpa-flash", "sdpa-cudnn", "flex-128", "flex-same"]
+    from torch.nn.attention import SDPBackend
+
+    from ..api import sparse_attention
+
+    rows: list[Row] = []
+    dev = "cuda"
+    _spin_up()
+    for seqlen in seqlens:
+        pat = local_stride(heads, seqlen, block, local // block, stride)
+        pat128 = local_stride(heads, seqlen, 128, max(1, local // 128), stride)
+        shape = (1, seqlen, heads, head_dim)
+        q, k, v = (torch.randn(shape, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        qh, kh, vh = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+        for name in providers:
+            t0 = time.time()
+            try:
+                if name == "s2attn":
+                    fwd, bwd = _measure(lambda a, b, c: sparse_attention(a, b, c, pat), q, k, v)
+                    used = pat
+                elif name.startswith("sdpa"):
+                    backend = SDPBackend.FLASH_ATTENTION if name == "sdpa-flash" else SDPBackend.CUDNN_ATTENTION
+                    fwd, bwd = _measure(_sdpa(backend), qh, kh, vh)
+                    used = None
+                else:
+                    from torch.nn.attention.flex_attention import flex_attention
+
+                    used = pat128 if name == "flex-128" else pat
+                    bm = used.to_flex_block_mask(seqlen, dev)
+                    flex = torch.compile(flex_attention, dynamic=False)
+                    fwd, bwd = _measure(lambda a, b, c: flex(a, b, c, block_mask=bm), qh, kh, vh)
+                pairs = _pairs(used, seqlen, heads)
+                dens = pairs / (heads * seqlen * (seqlen + 1) / 2)
+                flops = pairs * FWD_FLOPS_PER_PAIR * head_dim
+                row = Row(seqlen, name, fwd, bwd, flops / fwd / 1e9, BWD_FACTOR * flops / bwd / 1e9, dens)
+            except Exception as e:  # a peer failing (OOM, compile) is a result too
+                row = Row(seqlen, name, math.nan, math.nan, math.nan, math.nan, math.nan, f"failed: {e!r}"[:200])
+            torch.cuda.empty_cache()
+            rows.append(row)
+            progress(f"{seqlen:>7} {name:<11} fwd {row.fwd_ms:9.3f} ms  bwd {row.bwd_ms:9.3f} ms  "
+                     f"({time.time() - t0:.0f}s) {row.note}")
+            if out:
+                _save(rows, out)
+        del q, k, v, qh, kh, vh
+    return rows
+
+
+def environment() -> dict:
+    import triton
+
+    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "date": time.strftime("%Y-%m-%d"), "cuda": torch.version.cuda}
+
+
+def _save(rows: list[Row], path: str) -> None:
+    with open(path, "w") as f:
+        json.dump({"environment": environment(), "rows": [asdict(r) for r in rows]}, f, indent=1)
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| seqlen | provider | density | fwd ms | bwd ms | fwd TFLOP/s | bwd TFLOP/s | s2attn speed-up fwd / bwd |",
+             "|---|---|---|---|---|---|---|---|"]
+    ours = {r.seqlen: r for r in rows if r.provider == "s2attn"}
+    for r in rows:
+        o = ours.get(r.seqlen)
+        speed = f"{r.fwd_ms / o.fwd_ms:.2f}x / {r.bwd_ms / o.bwd_ms:.2f}x" if o and r is not o else ""
+        lines.append(f"| {r.seqlen} | {r.provider} | {r.density:.3f} | {r.fwd_ms:.3f} | {r.bwd_ms:.3f} | "
+                     f"{r.fwd_tflops:.0f} | {r.bwd_tflops:.0f} | {speed} {r.note} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in zip(axes, ("fwd_ms", "bwd_ms"), ("forward", "backward")):
+        for prov in dict.fromkeys(r.provider for r in rows):
+            pts = [(r.seqlen, getattr(r, key)) for r in rows if r.provider == prov and not math.isnan(getattr(r, key))]
+            if pts:
+                ax.loglog(*zip(*pts), marker="o", label=prov)
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel("ms")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="s2attn bench", description=__doc__)
+    p.add_argument("--seqlens", type=int_list, default="8192,32768,131072", metavar="TOKENS,...",
+                   help="comma-separated sequence lengths")
+    p.add_argument("--providers", default="s2attn,sdpa-flash,sdpa-cudnn,flex-128,flex-same",
+                   help="comma-separated providers (see above)")
+    p.add_argument("--heads", type=positive_int, default=32, help="query heads (= kv heads)")
+    p.add_argument("--head-dim", type=positive_int, default=128, help="head dimension")
+    add_pattern_options(p, local=512, stride=16, dense_kv_heads=False)
+    p.add_argument("--quick", action="store_true", help="8k and 32k, s2attn and SDPA only")
+    p.add_argument("--out", default="s2attn-bench", help="directory for results.json, results.md, plot.png")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    pattern_options(a, a.heads, a.heads)
+    if not torch.cuda.is_available():
+        print("s2attn bench: error: needs a CUDA GPU (the CPU runs the reference only)", file=sys.stderr)
+        return 2
+    seqlens = [8192, 32768] if a.quick else a.seqlens
+    providers = ["s2attn", "sdpa-flash", "sdpa-cudnn"] if a.quick else a.providers.split(",")
+    output_dir(a.out, "--out")
+    rows = run(seqlens, a.heads, a.head_dim, a.local, a.stride, a.block_size, providers,
+               os.path.join(a.out, "results.json"))
+    md = table(rows)
+    env = environment()
+    header = (f"{env['gpu']}, torch {env['torch']}, Triton {env['triton']}, {env['date']}; "
+              f"{a.heads} heads, d={a.head_dim}, bf16, causal, local {a.local}, stride {a.stride}, "
+              f"block {a.block_size}\n\n")
+    with open(os.path.join(a.out, "results.md"), "w") as f:
+        f.write(header + md + "\n")
+    try:
+        plot(rows, os.path.join(a.out, "plot.png"))
+    except ImportError:
+        pass
+    print(header + md)
+    return 0
+
+
+if __name__ == "__main__":
+    from .cli import main as cli_main
+
+    sys.exit(cli_main(["bench", *sys.argv[1:]]))
