@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from s2attn.cli import FEATURE_COMMANDS  # noqa: E402  (the train / needle modules, wherever they live)
+from s2attn.apps.cli import FEATURE_COMMANDS  # noqa: E402  (the train / needle modules, wherever they live)
 
 RUN_NAME = re.compile(r"(?P<variant>[a-z]+)-s(?P<seed>\d+)")
 ALPHA = 0.05  # significance level of the statements

@@ -119,7 +119,7 @@ from pathlib import Path
 
 import torch
 
-from s2attn.cli import main
+from s2attn.apps.cli import main
 
 variant, seed, run = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 cut = sys.argv.index("--")

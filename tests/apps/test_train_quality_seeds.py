@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("train_quality_seeds", ROOT / "benchmarks" / "train_quality_seeds.py")
 tqs = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up there
 spec.loader.exec_module(tqs)
