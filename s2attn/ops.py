@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from .kernels import launch
+from .kernels.rule import KernelRule
 from .patterns import BlockPattern
 from .reference import reference_attention, reference_attention_varlen
 from .tables import block_tables
@@ -43,9 +44,9 @@ def _lower(pattern: BlockPattern, seq_len: int, device: torch.device, causal: bo
     r = pattern.rule
     if r is None or causal != pattern.causal:
         rows, cols = block_tables(pattern, seq_len, launch.TABLE_BLOCK_M, device)
-        return [1, 1, 0, 0, 1, 0, 0, 0, pattern.pattern_heads], rows, cols, False
-    rule = [r.local_blocks, r.vert_stride, r.head_step, r.head_offset, r.heads_per_group, r.head_base,
-            r.num_kv_heads - r.num_dense_heads, int(r.homogeneous), pattern.pattern_heads]
+        return KernelRule.for_tables(pattern.pattern_heads), rows, cols, False
+    rule = KernelRule(r.local_blocks, r.vert_stride, r.head_step, r.head_offset, r.heads_per_group, r.head_base,
+                      r.num_kv_heads - r.num_dense_heads, int(r.homogeneous), pattern.pattern_heads)
     return rule, None, None, r.num_dense_heads > 0
 
 

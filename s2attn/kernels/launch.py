@@ -2,8 +2,8 @@
 
 Tensors arrive as 4-D ``(batch, seq, heads, head_dim)`` *views* (any strides, unit stride on
 ``head_dim``); packed varlen input is a ``(1, total, heads, head_dim)`` view with ``cu_seqlens``.
-``rule`` is the 9 ints ``(local, stride, step, offset, heads_per_group, head_base, sparse_groups,
-homogeneous, pattern_heads)``; with ``rows``/``cols`` tables given (CSR ``(ptr, index, bits)``),
+``rule`` is a :class:`.rule.KernelRule` (or its nine ints, as the custom ops pass it), handed to the
+kernels field by field, by name; with ``rows``/``cols`` tables given (CSR ``(ptr, index, bits)``),
 the table path is used and only ``pattern_heads`` of ``rule`` matters.
 """
 
@@ -21,7 +21,8 @@ try:
 except ImportError:  # Triton < 3.3: plain loads everywhere
     TensorDescriptor = None
 
-from .attention import LOG2E, _attn_bwd_dkdv, _attn_bwd_dkdv_long, _attn_bwd_dq, _attn_fwd
+from .attention import _attn_bwd_dkdv, _attn_bwd_dkdv_long, _attn_bwd_dq, _attn_fwd
+from .rule import LOG2E, KernelRule
 
 try:  # the warp-specialised kernels for Hopper, in Gluon as of Triton 3.6 (its API moves between releases)
     if tuple(int(x) for x in triton.__version__.split(".")[:2]) != (3, 6):
@@ -283,6 +284,7 @@ def _column_chunks(max_q: int, block_m: int, deterministic: bool) -> tuple[int, 
 def forward(q, k, v, *, cu_q, cu_k, max_q, max_k, rule, rows, block, scale, causal):
     """Returns ``out`` (shaped and strided like ``q``) and ``lse`` fp32 ``(batch, heads, seq)``
     (``(heads, total)`` when varlen)."""
+    rule = KernelRule(*rule)
     varlen, batch, cu_q, cu_k = _seq_args(q, k, cu_q, cu_k)
     heads, head_dim = q.shape[2], q.shape[3]
     use_table, table = _table_args(rows, q.device)
@@ -297,7 +299,7 @@ def forward(q, k, v, *, cu_q, cu_k, max_q, max_k, rule, rows, block, scale, caus
         q, k, v, out, lse, cu_q, cu_k, *table, *descs,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
         *_lse_strides(lse, varlen),
-        max_q, max_k, heads // k.shape[2], n_tiles, scale * LOG2E, *rule,
+        max_q, max_k, heads // k.shape[2], n_tiles, scale * LOG2E, **rule._asdict(),
         BLOCK=block, BLOCK_M=t.block_m, BLOCK_N=t.block_n, HEAD_DIM=head_dim,
         BLOCK_D=block_d, CAUSAL=causal, TABLE=use_table, VARLEN=varlen,
         UPCAST=_upcast(q.dtype), PAIRS=t.pairs, TMA=descs[0] is not k, num_warps=t.num_warps,
@@ -309,6 +311,7 @@ def forward(q, k, v, *, cu_q, cu_k, max_q, max_k, rule, rows, block, scale, caus
 def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, rows, cols, block, scale, causal,
              has_dense, deterministic):
     """Gradients ``(dq, dk, dv)`` of :func:`forward`; ``dlse`` (or None) is the gradient of ``lse``."""
+    rule = KernelRule(*rule)
     varlen, batch, cu_q, cu_k = _seq_args(q, k, cu_q, cu_k)
     heads, kv_heads, head_dim = q.shape[2], k.shape[2], q.shape[3]
     use_table, row_table = _table_args(rows, q.device)
@@ -332,7 +335,8 @@ def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, row
     if hopper and WARP_SPECIALISED["dq"] and max_k > WS_DQ_FROM and block >= 64:
         _attn_bwd_dq_ws[(triton.cdiv(max_q, 128) + 1, heads, batch)](
             *hopper, out, do, dq, lse, dlse, delta, *_strides(out, varlen), *_strides(do, varlen),
-            *_strides(dq, varlen), *lse_strides[:2], max_q, max_k, heads // kv_heads, scale * LOG2E, scale, *rule[:8],
+            *_strides(dq, varlen), *lse_strides[:2], max_q, max_k, heads // kv_heads, scale * LOG2E, scale,
+            **rule.closed_form(),
             BLOCK=block, HEAD_DIM=head_dim, CAUSAL=causal, HAS_DLSE=dlse is not lse, STAGES=WS_DQ_STAGES,
             num_warps=4, maxnreg=WS_MAXNREG,
         )
@@ -343,7 +347,7 @@ def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, row
             q, k, v, out, do, dq, lse, dlse, delta, cu_q, cu_k, *row_table, *descs,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
             *_strides(do, varlen), *_strides(dq, varlen), *lse_strides,
-            max_q, max_k, heads // kv_heads, triton.cdiv(max_k, t.block_m), scale * LOG2E, scale, *rule,
+            max_q, max_k, heads // kv_heads, triton.cdiv(max_k, t.block_m), scale * LOG2E, scale, **rule._asdict(),
             BLOCK_M=t.block_m, BLOCK_N=t.block_n, TABLE=use_table, PAIRS=t.pairs, HAS_DLSE=dlse is not lse,
             TMA=descs[0] is not k, num_warps=t.num_warps, num_stages=t.num_stages, **common,
         )
@@ -353,7 +357,7 @@ def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, row
     seq = (q, k, v, do)
     strides = [s for x in seq for s in _strides(x, varlen)]
     # long columns (rule path): their full query tiles first, as fp32 partial sums per query head
-    part_stride = 1 if has_dense else rule[1]
+    part_stride = 1 if has_dense else rule.stride
     part_cols = triton.cdiv(n_kb, part_stride)
     if use_table:  # table columns are split across programs instead
         chunk, table_splits = _column_chunks(max_q, t.block_m, deterministic)
@@ -376,13 +380,13 @@ def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, row
         scalars = (max_q, max_k, heads // kv_heads, heads, scale * LOG2E, chunk, splits, part_cols)
         if ws_long:
             _attn_bwd_dkdv_long_ws[grid](
-                *hopper, *_row_descriptors(lead, lse, delta), *parts, order, *scalars, *rule[:8], BLOCK=block,
+                *hopper, *_row_descriptors(lead, lse, delta), *parts, order, *scalars, **rule.closed_form(), BLOCK=block,
                 BLOCK_M=lt.block_m, COLS=cols, HEAD_DIM=head_dim, CAUSAL=causal, ATOMIC=splits > 1,
                 OPEN_ALIGN=open_align, STAGES=lt.num_stages, num_warps=4, maxnreg=WS_MAXNREG,
             )
         else:
             _attn_bwd_dkdv_long[grid](
-                *seq, lse, delta, *parts, order, cu_q, cu_k, *strides, *lse_strides, *scalars, part_stride, *rule[:8],
+                *seq, lse, delta, *parts, order, cu_q, cu_k, *strides, *lse_strides, *scalars, part_stride, **rule.closed_form(),
                 BLOCK_M=lt.block_m, BLOCK_N=lt.block_n, COLS=cols, ATOMIC=splits > 1, OPEN_ALIGN=open_align,
                 num_warps=lt.num_warps, num_stages=lt.num_stages, **common,
             )
@@ -396,7 +400,7 @@ def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, row
         *seq, dk, dv, lse, delta, *parts, cu_q, cu_k, *col_table, *descs,
         *strides, *_strides(dk, varlen), *_strides(dv, varlen), *lse_strides,
         max_q, max_k, heads // kv_heads, heads, n_kb, scale * LOG2E, scale, chunk, table_splits, part_cols,
-        part_stride, *rule, BLOCK_M=t.block_m, BLOCK_N=t.block_n, TABLE=use_table, ATOMIC=atomic,
+        part_stride, **rule._asdict(), BLOCK_M=t.block_m, BLOCK_N=t.block_n, TABLE=use_table, ATOMIC=atomic,
         OPEN_ALIGN=open_align, TMA=descs[0] is not q, num_warps=t.num_warps, num_stages=t.num_stages, **common,
     )
     return dq, dk.to(k.dtype), dv.to(v.dtype)
