@@ -19,7 +19,7 @@ from typing import Callable, NamedTuple, Optional, TypeVar
 
 import torch
 
-from .kernels.launch import TABLE_BLOCK_M
+from .kernels.plan import TABLE_BLOCK_M
 from .kernels.rule import KernelRule
 from .patterns import BlockPattern, cdiv
 

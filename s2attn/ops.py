@@ -142,9 +142,10 @@ def _kernel_call(q, k, v, pattern, cu_q, cu_k, max_q, max_k, scale, causal, dete
 
 
 def attention(q, k, v, pattern: BlockPattern, *, softmax_scale: float, causal: bool, layout: str,
-              return_lse: bool, deterministic: bool = False):
-    """Validated inputs in; kernel or reference out. Same results as ``reference_attention``."""
-    if not use_kernel(q):
+              return_lse: bool, deterministic: bool = False, force_kernel: bool = False):
+    """Validated inputs in; kernel or reference out. Same results as ``reference_attention``. ``force_kernel``:
+    launch the kernels whatever :func:`use_kernel` says (offline compiles, ``benchmarks/compile_sm90.py``)."""
+    if not (force_kernel or use_kernel(q)):
         return reference_attention(q, k, v, pattern, softmax_scale=softmax_scale, causal=causal, layout=layout,
                                    return_lse=return_lse)
     if layout == "bhsd":
@@ -158,9 +159,9 @@ def attention(q, k, v, pattern: BlockPattern, *, softmax_scale: float, causal: b
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
                      pattern: BlockPattern, *, softmax_scale: float, causal: bool, return_lse: bool,
-                     deterministic: bool = False):
+                     deterministic: bool = False, force_kernel: bool = False):
     """Packed sequences; validated inputs in. Same results as ``reference_attention_varlen``."""
-    if not use_kernel(q):
+    if not (force_kernel or use_kernel(q)):
         return reference_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, pattern, softmax_scale=softmax_scale,
                                           causal=causal, return_lse=return_lse)
     q, k, v = (x.unsqueeze(0) for x in (q, k, v))

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import interpreting
+from .plan import interpreting
 from .rule import LOG2E
 
 
