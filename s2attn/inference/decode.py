@@ -21,7 +21,7 @@ from .. import ops
 from ..kernels.decode import choose_num_splits, decode_attention
 from ..lowering import decode_form
 from ..patterns import BlockPattern
-from ..reference import reference_attention
+from ..reference import reference_attention, resolve_scale
 from .cache import SparseKVCache, _current
 
 
@@ -54,7 +54,7 @@ class DecodePlan:
         if not 1 <= max_context <= cache.max_seq_len:
             raise ValueError(f"max_context={max_context!r}: expected 1..{cache.max_seq_len}")
         self.cache, self.batch_size = cache, batch_size
-        self.softmax_scale = cache.head_dim ** -0.5 if softmax_scale is None else softmax_scale
+        self.softmax_scale = resolve_scale(softmax_scale, cache.head_dim)
         dev, H, d = cache.device, cache.num_heads, cache.head_dim
         self._kernel = [decode_form(cache.layer(i).pattern, H, cache.num_kv_heads, dev)
                         for i in range(cache.num_layers)]
