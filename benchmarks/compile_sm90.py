@@ -33,8 +33,7 @@ except ImportError:  # no Gluon: no Gluon kernel is launched either
     GluonASTSource = None
 
 from s2attn import ops
-from s2attn.kernels import launch
-from s2attn.kernels.launch import interpreting
+from s2attn.kernels.plan import interpreting, plan_overrides
 from s2attn.patterns import from_mask, local_stride
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -90,7 +89,7 @@ def _attention(shape, dtype, pattern, **kw):
         q = torch.randn(b, s, h, d, dtype=dtype, requires_grad=True)
         k, v = (torch.randn(b, s, hk, d, dtype=dtype, requires_grad=True) for _ in range(2))
         out = ops.attention(q, k, v, pattern, softmax_scale=d**-0.5, causal=pattern.causal, layout="bshd",
-                            return_lse=False, **kw)
+                            return_lse=False, force_kernel=True, **kw)
         out.backward(torch.randn_like(out))
 
     return call
@@ -103,7 +102,7 @@ def _packed(lens, heads, dim, dtype, pattern):
         cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
         q, k, v = (torch.randn(sum(lens), heads, dim, dtype=dtype, requires_grad=True) for _ in range(3))
         out = ops.attention_varlen(q, k, v, cu, cu, max(lens), max(lens), pattern, softmax_scale=dim**-0.5,
-                                   causal=pattern.causal, return_lse=False)
+                                   causal=pattern.causal, return_lse=False, force_kernel=True)
         out.backward(torch.randn_like(out))
 
     return call
@@ -138,13 +137,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="only the configurations CI compiles")
     a = ap.parse_args(argv)
-    ops_use_kernel, is_hopper = ops.use_kernel, launch._is_hopper
-    ops.use_kernel = lambda q: True  # CPU tensors, kernels launched (and intercepted)
-    launch._is_hopper = lambda device: True  # the kernels an H100 runs (the Gluon long pass included)
     failed = 0
     print("| configuration | kernel | warps | stages | registers | spilled bytes | shared KiB | compile s |")
     print("|---|---|---|---|---|---|---|---|")
-    try:
+    # CPU tensors, kernels launched (force_kernel) and intercepted; planned as for an H100 (Gluon kernels included)
+    with plan_overrides(hopper=True):
         for name, call in configurations(a.quick):
             for fn, args, kwargs in captured_launches(call):
                 t0 = time.time()
@@ -158,8 +155,6 @@ def main(argv=None) -> int:
                     continue
                 print(f"| {name} | {fn.__name__} | {kwargs.get('num_warps')} | {kwargs.get('num_stages')} | "
                       f"{r['regs']} | {r['spill']} | {r['smem'] / 1024:.0f} | {time.time() - t0:.1f} |", flush=True)
-    finally:
-        ops.use_kernel, launch._is_hopper = ops_use_kernel, is_hopper
     return 1 if failed else 0
 
 

@@ -13,7 +13,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from s2attn import ops
-from s2attn.kernels import launch
+from s2attn.kernels.plan import Tiles, plan_overrides
 from s2attn.patterns import local_stride
 
 
@@ -54,17 +54,14 @@ def main():
     ap.add_argument("--rounds", type=int, default=1, help="run the variants this many times, in alternation")
     ap.add_argument("--block", type=int, default=64, help="the pattern's block size")
     a = ap.parse_args()
-    T = launch.Tiles
-    defaults = {name: getattr(launch, name) for name in ("DKDV_SPLITS", "USE_TMA", "WARP_SPECIALISED", "WS_TILES",
-                                                          "WS_DQ_STAGES", "WS_DQ_FROM")}
-    triton_long = {"WARP_SPECIALISED": {"dq": True, "dkdv_long": False}}  # variants of the Triton kernels
-    triton_dq = {"WARP_SPECIALISED": {"dq": False, "dkdv_long": True}}
+    T = Tiles
+    triton_long = {"warp_specialised": {"dkdv_long": False}}  # variants of the Triton kernels (plan_overrides)
+    triton_dq = {"warp_specialised": {"dq": False}}
     variants = [("default", {}, {}), ("triton long pass", {}, triton_long), ("triton dq", {}, triton_dq),
-                ("ws dq stages3", {}, {"WS_DQ_STAGES": 3}),
-                ("ws dq everywhere", {}, {"WS_DQ_FROM": 0}), ("ws long stages3", {}, {"WS_TILES": T(64, 128, 12, 3)})]
+                ("ws dq stages3", {}, {"ws_dq_stages": 3}),
+                ("ws dq everywhere", {}, {"ws_dq_from": 0}), ("ws long stages3", {}, {"ws_tiles": T(64, 128, 12, 3)})]
     for off in ("fwd", "dq", "dkdv"):  # one kernel back on plain loads
-        variants.append((f"no TMA {off}", {}, {"USE_TMA": {**launch.USE_TMA, off: False},
-                                                **(triton_dq if off == "dq" else {})}))
+        variants.append((f"no TMA {off}", {}, {"use_tma": {off: False}, **(triton_dq if off == "dq" else {})}))
     for bm, bn, w, st in [(32, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 4)]:
         variants.append((f"long bm{bm} bn{bn} w{w} s{st}", {"dkdv_long": T(bm, bn, w, st)}, triton_long))
     for bn in (16, 32):  # the short-column kernel's key tile (default: 64 keys, several small blocks to a tile)
@@ -74,19 +71,16 @@ def main():
                               ("fwd", 64, 4, 3)]:
         variants.append((f"{kernel} bm{bm} w{w} s{st} unpaired", {kernel: T(bm, 64, w, st)}, triton_dq))
     for splits in (2, 8):
-        variants.append((f"splits{splits}", {}, {"DKDV_SPLITS": splits}))
+        variants.append((f"splits{splits}", {}, {"dkdv_splits": splits}))
     wanted = [x for x in a.only.split(",") if x]
     variants = [v for v in variants if not wanted or any(x in v[0] for x in wanted)]
     print("| seqlen | variant | fwd | dq | dkdv (long + short) | other | bwd total |")
     print("|---|---|---|---|---|---|---|")
     for seqlen in [int(s) for s in a.seqlens.split(",")]:
         for name, tiles, settings in variants * a.rounds:
-            launch.TILE_OVERRIDES.clear()
-            launch.TILE_OVERRIDES.update(tiles)
-            for key, value in {**defaults, **settings}.items():
-                setattr(launch, key, value)
             try:
-                t = kernel_times(seqlen, block=a.block, show_all=a.all_kernels)
+                with plan_overrides(tiles=tiles, **settings):
+                    t = kernel_times(seqlen, block=a.block, show_all=a.all_kernels)
                 long, short = t.get("_attn_bwd_dkdv_long", 0), t.get("_attn_bwd_dkdv", 0)
                 bwd = t.get("_attn_bwd_dq", 0) + long + short + t["other"]
                 print(f"| {seqlen} | {name} | {t.get('_attn_fwd', 0):.2f} | {t.get('_attn_bwd_dq', 0):.2f} | "

@@ -22,9 +22,9 @@ import time
 
 import torch
 
-from s2attn import bench
+from s2attn.apps import bench
 from s2attn.api import sparse_attention
-from s2attn.kernels import launch
+from s2attn.kernels.plan import Tiles, plan_overrides
 from s2attn.patterns import local_stride
 
 
@@ -47,15 +47,6 @@ def _timed(fn, samples: list) -> tuple[float, float, float]:
     return ms, statistics.mean(s[1] for s in during), statistics.mean(s[2] for s in during)
 
 
-@contextlib.contextmanager
-def _override(kernel: str, tiles):
-    launch.TILE_OVERRIDES[kernel] = tiles
-    try:
-        yield
-    finally:
-        launch.TILE_OVERRIDES.pop(kernel)
-
-
 def _contenders(a, q, k, v) -> dict:
     """name -> the call to time: the forward, or the backward alone (over one recorded graph)."""
     from torch.nn.attention.flex_attention import flex_attention
@@ -71,7 +62,8 @@ def _contenders(a, q, k, v) -> dict:
     if a.tiles:
         kernel, spec = a.tiles.split("=")
         bm, bn, w, st, pairs = (int(x) for x in spec.split(","))
-        forwards[f"s2attn {a.tiles}"] = (ours, lambda: _override(kernel, launch.Tiles(bm, bn, w, st, bool(pairs))))
+        tiles = {kernel: Tiles(bm, bn, w, st, bool(pairs))}
+        forwards[f"s2attn {a.tiles}"] = (ours, lambda: plan_overrides(tiles=tiles))
     calls = {}
     for name, (fwd, ctx) in forwards.items():
         if a.backward:

@@ -17,6 +17,7 @@ import torch
 
 from . import ops
 from .patterns import BlockPattern
+from .reference import resolve_scale
 from .validation import check_attention_inputs, check_varlen_inputs
 
 Output = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -76,7 +77,7 @@ def sparse_attention(
     q, k, v = _autocast(q, k, v)
     check_attention_inputs(q, k, v, pattern, softmax_scale=softmax_scale, causal=causal, layout=layout,
                            return_lse=return_lse)
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    scale = float(resolve_scale(softmax_scale, q.shape[-1]))
     causal = pattern.causal if causal is None else causal
     return ops.attention(q, k, v, pattern, softmax_scale=scale, causal=causal, layout=layout, return_lse=return_lse,
                          deterministic=deterministic)
@@ -116,7 +117,7 @@ def sparse_attention_varlen(
     q, k, v = _autocast(q, k, v)
     check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, pattern,
                         softmax_scale=softmax_scale, causal=causal, return_lse=return_lse)
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    scale = float(resolve_scale(softmax_scale, q.shape[-1]))
     causal = pattern.causal if causal is None else causal
     return ops.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, pattern,
                                 softmax_scale=scale, causal=causal, return_lse=return_lse,

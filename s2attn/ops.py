@@ -1,7 +1,7 @@
 """Sparse attention as ``torch.library`` custom ops with autograd, and the kernel/reference dispatch.
 
 The ops take plain tensors and ints (a pattern is lowered to its rule integers or its index
-tables first), so ``torch.compile`` traces through them without graph breaks.
+tables first, by :mod:`s2attn.lowering`), so ``torch.compile`` traces through them without graph breaks.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from typing import Optional
 import torch
 
 from .kernels import launch
+from .lowering import lower
 from .patterns import BlockPattern
 from .reference import reference_attention, reference_attention_varlen
-from .tables import block_tables
 from .validation import warn_once
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -32,21 +32,6 @@ def use_kernel(q: torch.Tensor) -> bool:
                   f"use heads of at most {MAX_HEAD_DIM} dims for the kernels")
         return False
     return True
-
-
-def _lower(pattern: BlockPattern, seq_len: int, device: torch.device, causal: bool):
-    """Pattern -> (rule ints, row table, column table, has dense heads), as the kernels take them.
-
-    The kernels' rule path derives the block window from ``causal``; a call whose ``causal``
-    differs from the pattern's (e.g. dropping ``s <= t`` inside a causal layout) keeps the
-    pattern's own block layout through the tables instead."""
-    r = pattern.rule
-    if r is None or causal != pattern.causal:
-        rows, cols = block_tables(pattern, seq_len, launch.TABLE_BLOCK_M, device)
-        return [1, 1, 0, 0, 1, 0, 0, 0, pattern.pattern_heads], rows, cols, False
-    rule = [r.local_blocks, r.vert_stride, r.head_step, r.head_offset, r.heads_per_group, r.head_base,
-            r.num_kv_heads - r.num_dense_heads, int(r.homogeneous), pattern.pattern_heads]
-    return rule, None, None, r.num_dense_heads > 0
 
 
 def _unpack(t: Optional[tuple]) -> list:
@@ -149,7 +134,7 @@ def _kernel_call(q, k, v, pattern, cu_q, cu_k, max_q, max_k, scale, causal, dete
         # zero columns change no score (the scale is explicit) and are sliced off the output;
         # the kernels then only ever see power-of-two head dims (80/96 unpadded stalled on an H100)
         q, k, v = (torch.nn.functional.pad(x, (0, padded - head_dim)) for x in (q, k, v))
-    rule, rows, cols, has_dense = _lower(pattern, max_k, q.device, causal)
+    rule, rows, cols, has_dense = lower(pattern, max_k, q.device, causal)
     forward = _attention_fwd if torch.compiler.is_compiling() else _EagerAttention.apply
     out, lse = forward(q, k, v, cu_q, cu_k, *_unpack(rows), *_unpack(cols), rule, pattern.block_size,
                        max_q, max_k, scale, causal, has_dense, deterministic)
@@ -157,9 +142,10 @@ def _kernel_call(q, k, v, pattern, cu_q, cu_k, max_q, max_k, scale, causal, dete
 
 
 def attention(q, k, v, pattern: BlockPattern, *, softmax_scale: float, causal: bool, layout: str,
-              return_lse: bool, deterministic: bool = False):
-    """Validated inputs in; kernel or reference out. Same results as ``reference_attention``."""
-    if not use_kernel(q):
+              return_lse: bool, deterministic: bool = False, force_kernel: bool = False):
+    """Validated inputs in; kernel or reference out. Same results as ``reference_attention``. ``force_kernel``:
+    launch the kernels whatever :func:`use_kernel` says (offline compiles, ``benchmarks/compile_sm90.py``)."""
+    if not (force_kernel or use_kernel(q)):
         return reference_attention(q, k, v, pattern, softmax_scale=softmax_scale, causal=causal, layout=layout,
                                    return_lse=return_lse)
     if layout == "bhsd":
@@ -173,9 +159,9 @@ def attention(q, k, v, pattern: BlockPattern, *, softmax_scale: float, causal: b
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
                      pattern: BlockPattern, *, softmax_scale: float, causal: bool, return_lse: bool,
-                     deterministic: bool = False):
+                     deterministic: bool = False, force_kernel: bool = False):
     """Packed sequences; validated inputs in. Same results as ``reference_attention_varlen``."""
-    if not use_kernel(q):
+    if not (force_kernel or use_kernel(q)):
         return reference_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, pattern, softmax_scale=softmax_scale,
                                           causal=causal, return_lse=return_lse)
     q, k, v = (x.unsqueeze(0) for x in (q, k, v))

@@ -81,7 +81,7 @@ class LocalStrideRule:
         return sorted(needed - covered)
 
 
-def _cdiv(a: int, b: int) -> int:
+def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
@@ -117,7 +117,7 @@ class BlockPattern:
                 )
             if mask.dim() == 2:
                 mask = mask.unsqueeze(0)
-            if mask.shape[-1] < _cdiv(max_seq_len, block_size):
+            if mask.shape[-1] < cdiv(max_seq_len, block_size):
                 raise ValueError(
                     f"mask has {mask.shape[-1]} blocks, too few for max_seq_len={max_seq_len} "
                     f"at block_size={block_size}"
@@ -130,12 +130,11 @@ class BlockPattern:
         self.max_seq_len = max_seq_len
         self.rule = rule
         self._mask = mask
-        self._cache: dict = {}
 
     # ------------------------------------------------------------------ basics
     @property
     def max_blocks(self) -> int:
-        return _cdiv(self.max_seq_len, self.block_size)
+        return cdiv(self.max_seq_len, self.block_size)
 
     @property
     def pattern_heads(self) -> int:
@@ -144,7 +143,7 @@ class BlockPattern:
 
     def num_blocks(self, seq_len: int) -> int:
         self.check_seq_len(seq_len)
-        return _cdiv(seq_len, self.block_size)
+        return cdiv(seq_len, self.block_size)
 
     def check_seq_len(self, seq_len: int, name: str = "seq_len") -> None:
         if seq_len > self.max_seq_len:
@@ -156,12 +155,6 @@ class BlockPattern:
     def check_heads(self, num_heads: int, name: str = "heads") -> None:
         if self.num_heads is not None and self.num_heads != num_heads:
             raise ValueError(f"{name}={num_heads}: the pattern was built for {self.num_heads} heads")
-
-    def cached(self, key, build):
-        """Memoise ``build()`` on this (immutable) pattern: index tables, masks."""
-        if key not in self._cache:
-            self._cache[key] = build()
-        return self._cache[key]
 
     # ------------------------------------------------------------------ masks
     def allows(self, head: torch.Tensor, qb: torch.Tensor, kb: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,11 @@ import torch
 from .patterns import BlockPattern
 
 
+def resolve_scale(softmax_scale: float | None, head_dim: int) -> float:
+    """``softmax_scale``, or when None the default ``head_dim ** -0.5`` (flash-attn's)."""
+    return head_dim ** -0.5 if softmax_scale is None else softmax_scale
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -72,7 +77,7 @@ def reference_attention(
     (fp64 for fp64 inputs).
     """
     causal = pattern.causal if causal is None else causal
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    scale = resolve_scale(softmax_scale, q.shape[-1])
     ct = compute_dtype(q.dtype)
     if layout == "bshd":
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))
@@ -100,7 +105,7 @@ def reference_attention_varlen(
     own. ``lse`` is ``(heads, total_q)``.
     """
     causal = pattern.causal if causal is None else causal
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    scale = resolve_scale(softmax_scale, q.shape[-1])
     ct = compute_dtype(q.dtype)
     outs, lses = [], []
     bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()

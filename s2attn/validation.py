@@ -45,6 +45,11 @@ def warn_once(key: str, message: str) -> None:
         warnings.warn(message, UserWarning, stacklevel=3)
 
 
+def forget_warnings() -> None:
+    """Let every :func:`warn_once` warning be given again (tests that check one)."""
+    _WARNED.clear()
+
+
 def check_tensor(name: str, x: object) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")

@@ -24,7 +24,7 @@ import torch
 
 import s2attn
 from s2attn.inference import DecodePlan, SparseKVCache, append, prefill
-from s2attn.kernels import launch
+from s2attn.kernels.plan import plan_overrides
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOL = {"fp32": 1e-4, "bf16": 1e-2, "fp16": 1e-2}
@@ -340,10 +340,8 @@ def run(seed: int, cases: int, gpu: bool, only: int | None = None, progress=None
     device = "cuda" if gpu else "cpu"
     failures = []
     indices = [only] if only is not None else range(cases)
-    poison = launch.POISON_OUTPUTS
-    launch.POISON_OUTPUTS = True  # unwritten outputs are NaN, never a plausible zero
     start, count = time.time(), 0
-    try:
+    with plan_overrides(poison=True):  # unwritten outputs are NaN, never a plausible zero
         for i in indices:
             if time.time() - start > seconds:
                 break
@@ -360,8 +358,6 @@ def run(seed: int, cases: int, gpu: bool, only: int | None = None, progress=None
                                 f"# {errors}  {case}")
             if progress:
                 progress(i, case, errors)
-    finally:
-        launch.POISON_OUTPUTS = poison
     return count, failures
 
 

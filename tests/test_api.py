@@ -161,7 +161,7 @@ def test_float64_only_on_cpu():
 def test_head_dims_past_the_kernels_warn_once(monkeypatch):
     """Where the kernels run (here: the interpreter), a head dim they do not take falls back to the
     reference with one warning that says so; the CPU's documented reference path stays silent."""
-    monkeypatch.setattr(s2attn.validation, "_WARNED", set())
+    s2attn.validation.forget_warnings()
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     q, k, v = (torch.randn(1, 40, h, 264) for h in (HEADS, KV_HEADS, KV_HEADS))
     with pytest.warns(UserWarning, match=r"head_dim=264: the Triton kernels take head dims up to 256, so s2attn "

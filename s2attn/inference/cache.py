@@ -40,17 +40,22 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 
-from ..patterns import BlockPattern
+from ..patterns import BlockPattern, cdiv
 
 NEVER = 2**62  # last reader of a block that every future query reads (vertical blocks, dense heads)
 
 
-def _cdiv(a, b):
-    return -(-a // b)
+class Layer(NamedTuple):
+    """One layer's storage, as :meth:`SparseKVCache.layer` returns it."""
+
+    k_pages: torch.Tensor
+    v_pages: torch.Tensor
+    page_table: torch.Tensor
+    pattern: BlockPattern
 
 
 def last_readers(pattern: BlockPattern, num_heads: int, num_kv_heads: int) -> torch.Tensor:
@@ -83,7 +88,7 @@ def kv_blocks_kept(pattern: BlockPattern, num_heads: int, num_kv_heads: int, seq
     tokens after a step: the blocks some query at position ``>= seq_len`` still reads."""
     pattern.check_seq_len(seq_len)
     last = last_readers(pattern, num_heads, num_kv_heads)
-    return (last[:, : _cdiv(seq_len, pattern.block_size)] >= seq_len // pattern.block_size).sum(1)
+    return (last[:, : cdiv(seq_len, pattern.block_size)] >= seq_len // pattern.block_size).sum(1)
 
 
 def sequences_that_fit(
@@ -172,7 +177,7 @@ class _PageGroup:
     def to_allocate(self, slots: torch.Tensor, n0: torch.Tensor, n1: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``(slot, kv_head, block)`` of the new blocks some query of this step's last tokens or later
         reads through the cache (blocks only the prefill itself reads are never stored)."""
-        nb0, nb1 = _cdiv(n0, self.block), _cdiv(n1, self.block)
+        nb0, nb1 = cdiv(n0, self.block), cdiv(n1, self.block)
         width = int((nb1 - nb0).max())
         if width == 0:
             return (torch.empty(0, dtype=torch.long),) * 3
@@ -207,7 +212,7 @@ class _PageGroup:
         moved = c1 > n0 // self.block  # only a sequence whose next query block advanced frees anything
         if not bool(moved.any()):
             return
-        slots, c1, nb = slots[moved], c1[moved], int(_cdiv(n1[moved], self.block).max())
+        slots, c1, nb = slots[moved], c1[moved], int(cdiv(n1[moved], self.block).max())
         rows = self.table[slots, :, :nb]
         drop = (rows >= 0) & (self.last[None, :, :nb] < c1[:, None, None])
         s, h, j = drop.nonzero(as_tuple=True)
@@ -420,14 +425,14 @@ class SparseKVCache:
         self.end_step()
 
     # ------------------------------------------------------------------ storage
-    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, BlockPattern]:
-        """``(k_pages, v_pages, page_table, pattern)`` of ``layer``: pools ``(num_pages + 1, block_size,
+    def layer(self, layer: int) -> Layer:
+        """``(k_pages, v_pages, page_table, pattern)`` of ``layer``, named: pools ``(num_pages + 1, block_size,
         head_dim)`` (the last page is the trash page) and the device page table int32
         ``(max_seqs, num_kv_heads, max_blocks)``, -1 where a block is absent."""
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer={layer!r}: expected 0..{self.num_layers - 1}")
         group, i = self._where[layer]
-        return group.k[i], group.v[i], group.table_dev, group.pattern
+        return Layer(group.k[i], group.v[i], group.table_dev, group.pattern)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor, pos: torch.Tensor) -> None:
         """Store ``k, v (tokens, num_kv_heads, head_dim)`` of tokens at positions ``pos`` of sequences
@@ -450,7 +455,7 @@ class SparseKVCache:
         """Keys and values ``(length, num_kv_heads, head_dim)`` of the first ``length`` tokens of ``slot``
         in ``layer``, read from the pages; zeros in blocks that have no page (freed or never stored)."""
         k_pages, v_pages, table, pattern = self.layer(layer)
-        nb = _cdiv(length, pattern.block_size)
+        nb = cdiv(length, pattern.block_size)
         pages = table[slot, :, :nb].long()  # (kv_heads, nb)
         present = (pages >= 0)[:, :, None, None]
         k, v = (torch.where(present, pool[pages.clamp(min=0)], 0)  # (kv_heads, nb, block, head_dim)

@@ -19,29 +19,10 @@ import torch
 
 from .. import ops
 from ..kernels.decode import choose_num_splits, decode_attention
+from ..lowering import decode_form
 from ..patterns import BlockPattern
-from ..reference import reference_attention
+from ..reference import reference_attention, resolve_scale
 from .cache import SparseKVCache, _current
-
-
-def _kernel_pattern(pattern: BlockPattern, num_heads: int, num_kv_heads: int, device: torch.device) -> dict:
-    """What the decode kernel needs of a pattern: ``rule=(first, dense, local, stride)`` for a
-    local-stride rule (the heads of a kv group must agree), else the int8 device block mask."""
-    def build() -> dict:
-        r = pattern.rule
-        if r is None:
-            return {"rule": None, "block_mask": pattern.block_mask(pattern.max_seq_len).to(device, torch.int8)}
-        heads = torch.arange(num_heads).view(num_kv_heads, -1)
-        shift, dense = r.shift(heads), r.is_dense(heads)
-        for name, t in (("vertical offsets", shift % r.vert_stride), ("dense flags", dense)):
-            if bool((t != t[:, :1]).any()):
-                raise ValueError(f"pattern: the query heads of one kv head have different {name}; build "
-                                 f"local_stride(..., num_kv_heads={num_kv_heads}) so each kv group shares its rule")
-        first = (-shift[:, 0]) % r.vert_stride  # smallest key block on each kv head's vertical stride
-        as_dev = lambda t: t.to(device=device, dtype=torch.int32)  # noqa: E731
-        return {"rule": (as_dev(first), as_dev(dense[:, 0]), r.local_blocks, r.vert_stride), "block_mask": None}
-
-    return pattern.cached(("decode", num_heads, num_kv_heads, str(device)), build)
 
 
 def _blocks_read(pattern: BlockPattern, context: int) -> int:
@@ -73,12 +54,13 @@ class DecodePlan:
         if not 1 <= max_context <= cache.max_seq_len:
             raise ValueError(f"max_context={max_context!r}: expected 1..{cache.max_seq_len}")
         self.cache, self.batch_size = cache, batch_size
-        self.softmax_scale = cache.head_dim ** -0.5 if softmax_scale is None else softmax_scale
+        self.softmax_scale = resolve_scale(softmax_scale, cache.head_dim)
         dev, H, d = cache.device, cache.num_heads, cache.head_dim
-        self._kernel = [_kernel_pattern(cache.layer(i)[3], H, cache.num_kv_heads, dev) for i in range(cache.num_layers)]
+        self._kernel = [decode_form(cache.layer(i).pattern, H, cache.num_kv_heads, dev)
+                        for i in range(cache.num_layers)]
         if num_splits is None:
             sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
-            blocks = max(_blocks_read(cache.layer(i)[3], max_context) for i in range(cache.num_layers))
+            blocks = max(_blocks_read(cache.layer(i).pattern, max_context) for i in range(cache.num_layers))
             num_splits = choose_num_splits(batch_size, cache.num_kv_heads, blocks, sms)
         if not isinstance(num_splits, int) or num_splits < 1:
             raise ValueError(f"num_splits={num_splits!r}: expected a positive int")
@@ -121,7 +103,7 @@ class DecodePlan:
         if ops.use_kernel(q):
             decode_attention(q, k_pages, v_pages, table, self.cache.seq_lens, self.slots, self.out, self.lse,
                              softmax_scale=self.softmax_scale, partial_out=self._partial_out,
-                             partial_lse=self._partial_lse, **self._kernel[layer])
+                             partial_lse=self._partial_lse, **self._kernel[layer]._asdict())
         else:
             self._reference(layer, q, pattern)
         return (self.out, self.lse) if return_lse else self.out

@@ -47,7 +47,7 @@ def prefill(cache: SparseKVCache, layer: int, q: torch.Tensor, k: torch.Tensor, 
     step = _current(cache)
     for name, t, heads in (("q", q, cache.num_heads), ("k", k, cache.num_kv_heads), ("v", v, cache.num_kv_heads)):
         cache.check_input(name, t, (step.total_new, heads, cache.head_dim))
-    pattern = cache.layer(layer)[3]
+    pattern = cache.layer(layer).pattern
     keys, values = _with_cached(cache, layer, step, k, v) if any(step.cached) else (k, v)
     out = sparse_attention_varlen(q, keys, values, step.cu_seqlens_q, step.cu_seqlens_k, step.max_new,
                                   step.max_total, pattern, softmax_scale=softmax_scale)

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from ..api import sparse_attention
+from ..lowering import memo
 from ..patterns import BlockPattern, from_mask
 
 Output = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -282,7 +283,7 @@ def _all_needs(pattern: BlockPattern, seq_len: int, world: int, heads: int, kv_h
             reads.append(per_head)
         return packed, reads
 
-    return pattern.cached(("context_parallel_needs", seq_len, world, heads, kv_heads, causal), build)
+    return memo(pattern, ("context_parallel_needs", seq_len, world, heads, kv_heads, causal), build)
 
 
 def _owner(pos: torch.Tensor, seq_len: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -353,7 +354,7 @@ def _plan_for(pattern: BlockPattern, seq_len: int, world: int, rank: int, heads:
     zigzag_ranges(seq_len, rank, world)
     _check_chunking(pattern, seq_len, world, causal)
     key = ("context_parallel_plan", seq_len, world, rank, heads, kv_heads, causal)
-    return pattern.cached(key, lambda: _build_plan(pattern, seq_len, world, rank, heads, kv_heads, causal))
+    return memo(pattern, key, lambda: _build_plan(pattern, seq_len, world, rank, heads, kv_heads, causal))
 
 
 def _on(holder, device: torch.device, name: str) -> torch.Tensor:

@@ -32,6 +32,7 @@ except ImportError as err:  # pragma: no cover - exercised only without megatron
 
 from ..api import sparse_attention, sparse_attention_varlen
 from ..coverage import warn_if_incomplete
+from ..reference import resolve_scale
 from ..patterns import BlockPattern, dense, local_stride
 from .distributed import context_parallel_attention, shard_heads
 
@@ -141,7 +142,7 @@ class S2CoreAttention(MegatronModule):
         dense_layer = layer_number in settings.dense_layers
         self.pattern = _rank_pattern(settings, heads, config.num_query_groups or heads, dense_layer, self.causal,
                                      tp_rank, tp)
-        self.softmax_scale = config.kv_channels ** -0.5 if softmax_scale is None else softmax_scale
+        self.softmax_scale = resolve_scale(softmax_scale, config.kv_channels)
 
     def forward(
         self,

@@ -4,10 +4,10 @@ the long columns' full query tiles, then every key tile with the rest).
 Kernels see plain tensors and integers. The pattern arrives in one of two forms, chosen by
 the ``TABLE`` constexpr:
 
-* ``TABLE=False``: the local-stride rule in closed form (``local``, ``stride``, ``step``,
-  ``offset``, ``heads_per_group``, ``head_base``, ``sparse_groups``, ``homogeneous``), so a
-  million-token sequence needs no index tensor at all;
-* ``TABLE=True``: CSR tables built once per (pattern, length, tile) by ``s2attn.ops``:
+* ``TABLE=False``: the local-stride rule in closed form, the fields of :class:`.rule.KernelRule`
+  (parameters of the same names; the rule's helpers live in :mod:`.rule`), so a million-token
+  sequence needs no index tensor at all;
+* ``TABLE=True``: CSR tables built once per (pattern, length, tile) by ``s2attn.lowering``:
   for each (pattern head, query tile) the key blocks it touches (``rows``), and for each
   (pattern head, key block) the query tiles that touch it (``cols``), each entry with a
   bit mask saying which of the tile's query blocks are allowed (Merge-Q).
@@ -19,15 +19,16 @@ boundary unevenly. Every sequence (batched or varlen) is located through ``cu_se
 Work is split into *segments* of key blocks (``start``, ``step``, ``count``), each either
 fully allowed (no mask arithmetic) or masked (window edges, diagonal, table entries).
 
-Constexpr values are passed to helpers one by one, never inside a tuple: unpacked from one, they
-stop being constexpr in compiled Triton (the interpreter does not notice;
+Constexpr values are passed to helpers one by one and by name, never inside a tuple: unpacked from
+one, they stop being constexpr in compiled Triton (the interpreter does not notice;
 ``benchmarks/compile_sm90.py`` does).
 """
 
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+from .rule import (LOG2E_C, MASK_BLOCKS, MASK_OPENING, UNMASKED, col_tiles, column_block, first_congruent,
+                   head_rule, long_open_tile, row_segments, rows_allowed, segment_block, tile_ok)
 
 
 @triton.jit
@@ -40,87 +41,10 @@ def _dot(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _head_rule(h, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous):
-    """Per-head constants of the local-stride rule: (vertical shift mod stride, is dense)."""
-    g = (h + head_base) // heads_per_group
-    shift = (g * (1 - homogeneous)) * step + offset
-    return shift % stride, g >= sparse_groups
-
-
-@triton.jit
-def _rows_allowed(qb_rows, kb, local, stride, shift, dense, CAUSAL: tl.constexpr):
-    """Block-level rule for a vector of query blocks against one key block."""
-    diff = qb_rows - kb
-    if CAUSAL:
-        near = (diff >= 0) & (diff < local)
-    else:
-        near = (diff < local) & (diff > -local)
-    on_stride = ((kb + shift) % stride) == 0
-    return near | on_stride | dense
-
-
-@triton.jit
-def _first_congruent(lo, stride, shift):
-    """Smallest j >= lo with (j + shift) % stride == 0."""
-    r = (stride - (lo + shift) % stride) % stride
-    return lo + r
-
-
-@triton.jit
-def _row_segments(qb_lo, qb_hi, n_kb, local, stride, shift, dense, CAUSAL: tl.constexpr):
-    """Key blocks read by query blocks [qb_lo, qb_hi] as five segments.
-
-    Returns (a_start, a_count, b_lo, b_hi, c_lo, c_hi, d_lo, d_hi, e_start, e_count):
-    a: unmasked, step ``stride`` (vertical blocks left of the window; all blocks for dense heads)
-    b: masked, step 1 (window edge seen by only some rows of a merged tile)
-    c: unmasked, step 1 (window interior) ; d: masked, step 1 (diagonal / whole bidirectional window)
-    e: masked, step ``stride`` (bidirectional: vertical blocks right of the window)
-    Ranges are inclusive; empty when hi < lo.
-    """
-    if CAUSAL:
-        win_lo = tl.maximum(qb_lo - local + 1, 0)
-        if dense:
-            a_count = qb_lo
-            win_lo = qb_lo
-        else:
-            first = _first_congruent(0, stride, shift)
-            a_count = tl.maximum(win_lo - first + stride - 1, 0) // stride
-        c_lo = tl.minimum(tl.maximum(qb_hi - local + 1, win_lo), qb_lo)
-        b_lo = win_lo
-        b_hi = c_lo - 1
-        c_hi = qb_lo - 1
-        d_lo = qb_lo
-        d_hi = qb_hi
-        e_count = a_count * 0
-    else:
-        if dense:
-            win_lo = qb_lo * 0
-            win_hi = n_kb - 1
-            a_count = qb_lo * 0
-            e_count = qb_lo * 0
-        else:
-            win_lo = tl.maximum(qb_lo - local + 1, 0)
-            win_hi = tl.minimum(qb_hi + local - 1, n_kb - 1)
-            first = _first_congruent(0, stride, shift)
-            a_count = tl.maximum(win_lo - first + stride - 1, 0) // stride
-            e_first = _first_congruent(win_hi + 1, stride, shift)
-            e_count = tl.maximum(n_kb - e_first + stride - 1, 0) // stride
-        b_lo = win_lo
-        b_hi = win_lo - 1
-        c_lo = win_lo
-        c_hi = win_lo - 1
-        d_lo = win_lo
-        d_hi = win_hi
-    a_start = tl.where(dense, 0, _first_congruent(0, stride, shift))
-    e_start = _first_congruent(d_hi + 1, stride, shift)
-    return a_start, a_count, b_lo, b_hi, c_lo, c_hi, d_lo, d_hi, e_start, e_count
-
-
-@triton.jit
 def _lse2(lse):
     """Row log-sum-exp in base 2; a row that attends nothing (-inf) reads +inf, so every probability
     recomputed from it is exactly 0."""
-    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E_C)
 
 
 @triton.jit
@@ -143,32 +67,6 @@ def _seq_bounds(cu_q, cu_k, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
         len_q = seqlen_q
         len_k = seqlen_k
     return q_start, k_start, len_q, len_k
-
-
-@triton.jit
-def _segment_block(i, start, step, ent_base, tab_kb, tab_bits, qb_rows, qb_lo, local, stride, shift, dense,
-                   CAUSAL: tl.constexpr, MASKED: tl.constexpr, TABLE: tl.constexpr):
-    """The ``i``-th key block of a segment, and which of the tile's query rows read it."""
-    if TABLE:
-        kb = tl.load(tab_kb + ent_base + i)
-        bits = tl.load(tab_bits + ent_base + i)
-        row_ok = ((bits >> (qb_rows - qb_lo)) & 1) != 0
-    else:
-        kb = start + i * step
-        if MASKED:
-            row_ok = _rows_allowed(qb_rows, kb, local, stride, shift, dense, CAUSAL)
-        else:
-            row_ok = qb_rows >= 0
-    return kb, row_ok
-
-
-@triton.jit
-def _tile_ok(row_ok, q_pos, k_pos, len_k, CAUSAL: tl.constexpr):
-    """Token-level mask of a (query rows x keys) tile: block rule, sequence end, causality."""
-    ok = row_ok[:, None] & (k_pos < len_k)[None, :]
-    if CAUSAL:
-        ok = ok & (k_pos[None, :] <= q_pos[:, None])
-    return ok
 
 
 # --------------------------------------------------------------------------- query-major: forward and dQ
@@ -196,13 +94,13 @@ def _row_tile(acc, m_i, l_i, q, do, lse2, delta, k_base, v_base, stride_ks, stri
             v = tl.load(v_base + k_pos[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
         p = tl.exp2(s * qk_scale - lse2[:, None])
         if MASKED:
-            p = tl.where(_tile_ok(row_ok, q_pos, k_pos, len_k, CAUSAL), p, 0.0)
+            p = tl.where(tile_ok(row_ok, q_pos, k_pos, len_k, CAUSAL=CAUSAL), p, 0.0)
         dp = _dot(do, tl.trans(v), UPCAST)
         ds = p * (dp - delta[:, None])
         acc += _dot(ds.to(k.dtype), k, UPCAST)
     else:
         if MASKED:
-            s = tl.where(_tile_ok(row_ok, q_pos, k_pos, len_k, CAUSAL), s, float("-inf"))
+            s = tl.where(tile_ok(row_ok, q_pos, k_pos, len_k, CAUSAL=CAUSAL), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # qk_scale > 0: the max commutes with it
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_use)
@@ -235,19 +133,21 @@ def _row_segment(
             k_pos = (start + 2 * i * step) * BLOCK + pair_off
             acc, m_i, l_i = _row_tile(acc, m_i, l_i, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs,
                                       k_desc, v_desc, desc_b, 0, desc_h, q_pos, k_pos, offs_d, len_k, qk_scale,
-                                      q_pos >= 0, HEAD_DIM, BLOCK_D, CAUSAL, False, UPCAST, BACKWARD, False)
+                                      q_pos >= 0, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CAUSAL=CAUSAL, MASKED=False,
+                                      UPCAST=UPCAST, BACKWARD=BACKWARD, TMA=False)
         start += (count - count % 2) * step
         count = count % 2
     # a block of several key tiles in the same loop, not an unrolled inner one: the pipeliner gives each load
     # of an unrolled loop its own buffers (block 256, 4 tiles: 410 KB of shared memory, over the H100's 227)
     NSUB: tl.constexpr = BLOCK // BLOCK_N
     for j in range(count * NSUB):
-        kb, row_ok = _segment_block(j // NSUB, start, step, ent_base, tab_kb, tab_bits, qb_rows, qb_lo, local, stride,
-                                    shift, dense, CAUSAL, MASKED, TABLE)
+        kb, row_ok = segment_block(j // NSUB, start, step, ent_base, tab_kb, tab_bits, qb_rows, qb_lo, local, stride,
+                                   shift, dense, CAUSAL=CAUSAL, MASKED=MASKED, TABLE=TABLE)
         k_lo = kb * BLOCK + (j % NSUB) * BLOCK_N
         acc, m_i, l_i = _row_tile(acc, m_i, l_i, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, k_desc,
                                   v_desc, desc_b, desc_row0 + k_lo, desc_h, q_pos, k_lo + offs_n, offs_d, len_k,
-                                  qk_scale, row_ok, HEAD_DIM, BLOCK_D, CAUSAL, MASKED, UPCAST, BACKWARD, TMA)
+                                  qk_scale, row_ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CAUSAL=CAUSAL, MASKED=MASKED,
+                                  UPCAST=UPCAST, BACKWARD=BACKWARD, TMA=TMA)
     return acc, m_i, l_i
 
 
@@ -300,26 +200,34 @@ def _query_tile_pass(
         row = (h % pattern_heads) * n_tiles + tile
         ent = tl.load(tab_ptr + row)
         cnt = tl.load(tab_ptr + row + 1) - ent
-        acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, 0, 1, cnt, ent, tab_kb, tab_bits, qb_lo, 1, 1, 0, False,
-                                     BLOCK, BLOCK_N, HEAD_DIM, BLOCK_D, CAUSAL, True, True, UPCAST, BACKWARD, False,
-                                     TMA)
+        acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, 0, 1, cnt, ent, tab_kb, tab_bits, qb_lo, local=1, stride=1,
+                                     shift=0, dense=False, BLOCK=BLOCK, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
+                                     BLOCK_D=BLOCK_D, CAUSAL=CAUSAL, MASKED=True, TABLE=True, UPCAST=UPCAST,
+                                     BACKWARD=BACKWARD, PAIRS=False, TMA=TMA)
     else:
-        shift, dense = _head_rule(h, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous)
-        a0, an, b_lo, b_hi, c_lo, c_hi, d_lo, d_hi, e0, en = _row_segments(
-            qb_lo, qb_hi, n_kb, local, stride, shift, dense, CAUSAL)
+        shift, dense = head_rule(h, stride=stride, step=step, offset=offset, heads_per_group=heads_per_group,
+                                 head_base=head_base, sparse_groups=sparse_groups, homogeneous=homogeneous)
+        a0, an, b_lo, b_hi, c_lo, c_hi, d_lo, d_hi, e0, en = row_segments(
+            qb_lo, qb_hi, n_kb, local=local, stride=stride, shift=shift, dense=dense, CAUSAL=CAUSAL)
         rule = (0, tab_kb, tab_bits, qb_lo, local, stride, shift, dense)
         a_step = tl.where(dense, 1, stride)
-        acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, a0, a_step, an, *rule, BLOCK, BLOCK_N, HEAD_DIM, BLOCK_D,
-                                     CAUSAL, False, False, UPCAST, BACKWARD, PAIRS, TMA)
-        acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, b_lo, 1, b_hi - b_lo + 1, *rule, BLOCK, BLOCK_N, HEAD_DIM,
-                                     BLOCK_D, CAUSAL, True, False, UPCAST, BACKWARD, False, TMA)
-        acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, c_lo, 1, c_hi - c_lo + 1, *rule, BLOCK, BLOCK_N, HEAD_DIM,
-                                     BLOCK_D, CAUSAL, False, False, UPCAST, BACKWARD, PAIRS, TMA)
-        acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, d_lo, 1, d_hi - d_lo + 1, *rule, BLOCK, BLOCK_N, HEAD_DIM,
-                                     BLOCK_D, CAUSAL, True, False, UPCAST, BACKWARD, False, TMA)
+        # the five segments in order (see rule.row_segments); unmasked ones may read key blocks in pairs
+        acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, a0, a_step, an, *rule, BLOCK=BLOCK, BLOCK_N=BLOCK_N,
+                                     HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CAUSAL=CAUSAL, MASKED=False, TABLE=False,
+                                     UPCAST=UPCAST, BACKWARD=BACKWARD, PAIRS=PAIRS, TMA=TMA)
+        acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, b_lo, 1, b_hi - b_lo + 1, *rule, BLOCK=BLOCK,
+                                     BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CAUSAL=CAUSAL, MASKED=True,
+                                     TABLE=False, UPCAST=UPCAST, BACKWARD=BACKWARD, PAIRS=False, TMA=TMA)
+        acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, c_lo, 1, c_hi - c_lo + 1, *rule, BLOCK=BLOCK,
+                                     BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CAUSAL=CAUSAL, MASKED=False,
+                                     TABLE=False, UPCAST=UPCAST, BACKWARD=BACKWARD, PAIRS=PAIRS, TMA=TMA)
+        acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, d_lo, 1, d_hi - d_lo + 1, *rule, BLOCK=BLOCK,
+                                     BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CAUSAL=CAUSAL, MASKED=True,
+                                     TABLE=False, UPCAST=UPCAST, BACKWARD=BACKWARD, PAIRS=False, TMA=TMA)
         if not CAUSAL:
-            acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, e0, stride, en, *rule, BLOCK, BLOCK_N, HEAD_DIM,
-                                         BLOCK_D, CAUSAL, True, False, UPCAST, BACKWARD, False, TMA)
+            acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, e0, stride, en, *rule, BLOCK=BLOCK, BLOCK_N=BLOCK_N,
+                                         HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CAUSAL=CAUSAL, MASKED=True, TABLE=False,
+                                         UPCAST=UPCAST, BACKWARD=BACKWARD, PAIRS=False, TMA=TMA)
     return acc, m_i, l_i
 
 
@@ -347,11 +255,13 @@ def _attn_fwd(
         q, q, 0.0, 0.0, K + b * stride_kb + k_start * stride_ks + kvh * stride_kh,
         V + b * stride_vb + k_start * stride_vs + kvh * stride_vh, stride_ks, stride_vs,
         K_DESC, V_DESC, 0 if VARLEN else b, k_start, kvh, q_pos, len_k, qk_scale, h, tile, n_tiles, tab_ptr, tab_kb,
-        tab_bits, local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous, pattern_heads,
-        BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, CAUSAL, TABLE, UPCAST, False, PAIRS, TMA)
+        tab_bits, local=local, stride=stride, step=step, offset=offset, heads_per_group=heads_per_group,
+        head_base=head_base, sparse_groups=sparse_groups, homogeneous=homogeneous, pattern_heads=pattern_heads,
+        BLOCK=BLOCK, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CAUSAL=CAUSAL, TABLE=TABLE,
+        UPCAST=UPCAST, BACKWARD=False, PAIRS=PAIRS, TMA=TMA)
     nonempty = l_i > 0.0
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
-    lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) / LOG2E_C, float("-inf"))
     o_ptrs = O + b * stride_ob + rows[:, None] * stride_os + h * stride_oh + tl.arange(0, BLOCK_D)[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=io_mask)
     tl.store(LSE + b * stride_lb + h * stride_lh + rows * stride_ls, lse, mask=row_ok)
@@ -392,8 +302,10 @@ def _attn_bwd_dq(
         q, do, lse2, delta, K + b * stride_kb + k_start * stride_ks + kvh * stride_kh,
         V + b * stride_vb + k_start * stride_vs + kvh * stride_vh, stride_ks, stride_vs,
         K_DESC, V_DESC, 0 if VARLEN else b, k_start, kvh, q_pos, len_k, qk_scale, h, tile, n_tiles, tab_ptr, tab_kb,
-        tab_bits, local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous, pattern_heads,
-        BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, CAUSAL, TABLE, UPCAST, True, PAIRS, TMA)
+        tab_bits, local=local, stride=stride, step=step, offset=offset, heads_per_group=heads_per_group,
+        head_base=head_base, sparse_groups=sparse_groups, homogeneous=homogeneous, pattern_heads=pattern_heads,
+        BLOCK=BLOCK, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CAUSAL=CAUSAL, TABLE=TABLE,
+        UPCAST=UPCAST, BACKWARD=True, PAIRS=PAIRS, TMA=TMA)
     dq_ptrs = DQ + b * stride_dqb + rows[:, None] * stride_dqs + h * stride_dqh + tl.arange(0, BLOCK_D)[None, :]
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=io_mask)
 
@@ -420,12 +332,13 @@ def _dkdv_segment(
     CAUSAL: tl.constexpr, MASK: tl.constexpr, TABLE: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
 ):
     """Query tiles ``start + i`` (or table entries), ``i < count``, against one key tile: dk, dv updated.
-    MASK 0: none; 2: key row ``r`` only in query tiles from ``row_lo[r]`` on (long columns opening one
-    after another); 1: key row ``r`` only in query tiles ``row_lo[r]..row_hi[r]``, the block rule of its
-    key block ``kb[r]`` and causality, or with ``TABLE`` the entry's bits (one key block ``kb``) and
-    causality. With ``TMA`` the q and dO tiles come through tensor descriptors (``(batch, seq, heads,
-    dim)``, tile ``desc_row + tile * BLOCK_M`` of sequence row 0): rows outside the sequence read as zeros
-    (never with packed sequences: they would be a neighbour's rows, and P = 0 times a NaN there is not 0)."""
+    ``MASK`` (named in :mod:`.rule`): ``UNMASKED``; ``MASK_OPENING``, key row ``r`` only in query tiles from
+    ``row_lo[r]`` on (long columns opening one after another); ``MASK_BLOCKS``, key row ``r`` only in query
+    tiles ``row_lo[r]..row_hi[r]``, the block rule of its key block ``kb[r]`` and causality, or with ``TABLE``
+    the entry's bits (one key block ``kb``) and causality. With ``TMA`` the q and dO tiles come through tensor
+    descriptors (``(batch, seq, heads, dim)``, tile ``desc_row + tile * BLOCK_M`` of sequence row 0): rows
+    outside the sequence read as zeros (never with packed sequences: they would be a neighbour's rows, and
+    P = 0 times a NaN there is not 0)."""
     d_ok = offs_d < HEAD_DIM
     for i in range(count):
         if TABLE:
@@ -448,7 +361,7 @@ def _dkdv_segment(
         # transposed scores: keys along rows, queries along columns
         st = _dot(k, tl.trans(q), UPCAST) * qk_scale
         pt = tl.exp2(st - lse2[None, :])
-        if MASK == 1:
+        if MASK == MASK_BLOCKS:
             qb_rows = q_pos // BLOCK
             if TABLE:
                 bits = tl.load(tab_bits + ent_base + i)
@@ -456,61 +369,18 @@ def _dkdv_segment(
                 ok = allowed[None, :]
             else:
                 in_rows = (row_lo <= tile) & (tile <= row_hi)
-                ok = _rows_allowed(qb_rows[None, :], kb[:, None], local, stride, shift, dense, CAUSAL)
+                ok = rows_allowed(qb_rows[None, :], kb[:, None], local, stride, shift, dense, CAUSAL=CAUSAL)
                 ok = ok & in_rows[:, None]
             if CAUSAL:
                 ok = ok & (k_pos[:, None] <= q_pos[None, :])
             pt = tl.where(ok, pt, 0.0)
-        elif MASK == 2:
+        elif MASK == MASK_OPENING:
             pt = tl.where((row_lo <= tile)[:, None], pt, 0.0)
         dv += _dot(pt.to(do.dtype), do, UPCAST)
         dpt = _dot(v, tl.trans(do), UPCAST)
         dst = pt * (dpt - delta[None, :])
         dk += _dot(dst.to(q.dtype), q, UPCAST)
     return dk, dv
-
-
-@triton.jit
-def _long_open(kb, BLOCK: tl.constexpr, OPEN_ALIGN: tl.constexpr):
-    """Causal: the first query position of long column ``kb``'s full query tiles (its block's end
-    rounded up to ``OPEN_ALIGN``, a multiple of both dK/dV kernels' query tiles, so they meet there)."""
-    return tl.cdiv(kb * BLOCK + BLOCK, OPEN_ALIGN) * OPEN_ALIGN
-
-
-@triton.jit
-def _long_open_tile(kb, q_tile_lo, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, OPEN_ALIGN: tl.constexpr,
-                    CAUSAL: tl.constexpr):
-    """The long pass's first query tile (of ``BLOCK_M``) for long column ``kb``, shaped like ``kb``: where
-    its full tiles start (causal), else the sequence's first tile."""
-    if CAUSAL:
-        return tl.maximum(_long_open(kb, BLOCK, OPEN_ALIGN) // BLOCK_M, q_tile_lo)
-    else:
-        return kb * 0 + q_tile_lo
-
-
-@triton.jit
-def _column_block(c, first, stride, dense):
-    """Key block of long column ``c``: columns sit ``stride`` blocks apart from block ``first`` (a dense
-    head's are all its blocks)."""
-    return tl.where(dense, c, first + c * stride)
-
-
-@triton.jit
-def _col_tiles(kb, q_tile_lo, q_tile_hi, local, stride, shift, dense,
-               BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, OPEN_ALIGN: tl.constexpr):
-    """The dK/dV kernel's query tiles ``lo..hi`` (clipped) for key block ``kb``, and whether ``kb`` is a
-    long column: on the head's vertical stride (or of a dense head), read in full by every query tile
-    from :func:`_long_open` on (causal) or by all of them. Those full tiles are the long pass's
-    (:func:`_attn_bwd_dkdv_long`); a short column's are all here."""
-    long = dense | (((kb + shift) % stride) == 0)
-    past = (kb + local) * BLOCK  # first query position past the window
-    if CAUSAL:
-        lo = (kb * BLOCK) // BLOCK_M
-        hi = tl.where(long, _long_open(kb, BLOCK, OPEN_ALIGN) // BLOCK_M - 1, (past - 1) // BLOCK_M)
-    else:
-        lo = tl.maximum((kb - local + 1) * BLOCK, 0) // BLOCK_M
-        hi = tl.where(long, lo - 1, (past - 1) // BLOCK_M)
-    return tl.maximum(lo, q_tile_lo), tl.minimum(hi, q_tile_hi), long
 
 
 @triton.jit
@@ -558,20 +428,21 @@ def _attn_bwd_dkdv_long(
     ROWS: tl.constexpr = BLOCK_N // COLS  # rows of one column in the tile
     NSUB: tl.constexpr = BLOCK // ROWS
     group = tile // NSUB
-    shift, dense = _head_rule(h, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous)
-    first = _first_congruent(0, stride, shift)
-    if _column_block(group * COLS, first, stride, dense) * BLOCK >= len_k:
+    shift, dense = head_rule(h, stride=stride, step=step, offset=offset, heads_per_group=heads_per_group,
+                             head_base=head_base, sparse_groups=sparse_groups, homogeneous=homogeneous)
+    first = first_congruent(0, stride, shift)
+    if column_block(group * COLS, first, stride, dense) * BLOCK >= len_k:
         return
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     c = group * COLS + offs_n // ROWS
-    kb = _column_block(c, first, stride, dense)
+    kb = column_block(c, first, stride, dense)
     in_blk = (tile % NSUB) * ROWS + offs_n % ROWS
     k_pos = kb * BLOCK + in_blk
     q_off = len_k - len_q
     q_tile_lo = q_off // BLOCK_M
     q_tile_hi = (len_k - 1) // BLOCK_M
-    open_lo = _long_open_tile(kb, q_tile_lo, BLOCK, BLOCK_M, OPEN_ALIGN, CAUSAL)
+    open_lo = long_open_tile(kb, q_tile_lo, BLOCK=BLOCK, BLOCK_M=BLOCK_M, OPEN_ALIGN=OPEN_ALIGN, CAUSAL=CAUSAL)
     lo = tl.maximum(tl.min(open_lo, 0), q_tile_lo + split * chunk)
     hi = tl.minimum(q_tile_lo + (split + 1) * chunk, q_tile_hi + 1)
     all_open = tl.max(open_lo, 0)
@@ -587,13 +458,15 @@ def _attn_bwd_dkdv_long(
                                                        stride_lh, stride_ls)
     state = (q_base, do_base, lse_base, delta_base, stride_qs, stride_dos, stride_ls, Q, DO, 0, 0, 0,
              k_pos, kb, offs_m, offs_d, q_off, len_q, qk_scale)
-    rule = (0, Q, Q, open_lo, open_lo, local, stride, shift, dense)  # row_hi: unused (MASK 0 and 2)
+    rule = (0, Q, Q, open_lo, open_lo, local, stride, shift, dense)  # row_hi: unused (no MASK_BLOCKS here)
     masked_hi = tl.minimum(hi, all_open)
-    dk, dv = _dkdv_segment(dk, dv, k, v, *state, lo, masked_hi - lo, *rule, BLOCK, BLOCK_M, HEAD_DIM, BLOCK_D,
-                           CAUSAL, 2, False, UPCAST, False)
+    dk, dv = _dkdv_segment(dk, dv, k, v, *state, lo, masked_hi - lo, *rule, BLOCK=BLOCK, BLOCK_M=BLOCK_M,
+                           HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CAUSAL=CAUSAL, MASK=MASK_OPENING, TABLE=False,
+                           UPCAST=UPCAST, TMA=False)
     open_start = tl.maximum(lo, all_open)
-    dk, dv = _dkdv_segment(dk, dv, k, v, *state, open_start, hi - open_start, *rule, BLOCK, BLOCK_M, HEAD_DIM,
-                           BLOCK_D, CAUSAL, 0, False, UPCAST, False)
+    dk, dv = _dkdv_segment(dk, dv, k, v, *state, open_start, hi - open_start, *rule, BLOCK=BLOCK, BLOCK_M=BLOCK_M,
+                           HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CAUSAL=CAUSAL, MASK=UNMASKED, TABLE=False,
+                           UPCAST=UPCAST, TMA=False)
     where = (b, k_start, c, h, in_blk, offs_d, n_heads, part_cols, part_stride)
     if ATOMIC:
         if lo < hi:
@@ -678,23 +551,26 @@ def _attn_bwd_dkdv(
             lo = tl.minimum(split * chunk, cnt)
             n = tl.minimum(cnt - lo, chunk)
             work += n
-            dk, dv = _dkdv_segment(dk, dv, k, v, *state, 0, n, ent + lo, tab_tile, tab_bits, kb, kb, 1, 1, 0,
-                                   False, BLOCK, BLOCK_M, HEAD_DIM, BLOCK_D, CAUSAL, 1, True, UPCAST, TMA)
+            dk, dv = _dkdv_segment(dk, dv, k, v, *state, 0, n, ent + lo, tab_tile, tab_bits, kb, kb, local=1,
+                                   stride=1, shift=0, dense=False, BLOCK=BLOCK, BLOCK_M=BLOCK_M, HEAD_DIM=HEAD_DIM,
+                                   BLOCK_D=BLOCK_D, CAUSAL=CAUSAL, MASK=MASK_BLOCKS, TABLE=True, UPCAST=UPCAST,
+                                   TMA=TMA)
         else:
-            shift, dense = _head_rule(h, stride, step, offset, heads_per_group, head_base, sparse_groups,
-                                      homogeneous)
+            shift, dense = head_rule(h, stride=stride, step=step, offset=offset, heads_per_group=heads_per_group,
+                                     head_base=head_base, sparse_groups=sparse_groups, homogeneous=homogeneous)
             # per key row its query tiles lo..hi (a long row only up to its own hi: the long pass has the rest),
             # for the tile their union, every tile masked: one loop, one pipeline to fill (H100, short pass,
             # block 64: 32k 1.46 -> 1.45 ms, 128k 6.59 -> 6.32; block 16, 32k 1.74 -> 1.65; against an unmasked
             # middle loop between two masked ones)
-            lo, hi, long = _col_tiles(kb, q_tile_lo, q_tile_hi, local, stride, shift, dense, BLOCK, BLOCK_M, CAUSAL,
-                                      OPEN_ALIGN)
+            lo, hi, long = col_tiles(kb, q_tile_lo, q_tile_hi, local, stride, shift, dense, BLOCK=BLOCK,
+                                     BLOCK_M=BLOCK_M, CAUSAL=CAUSAL, OPEN_ALIGN=OPEN_ALIGN)
             rule = (0, tab_tile, tab_bits, lo, hi, local, stride, shift, dense)
             t_lo = tl.min(lo, 0)
-            dk, dv = _dkdv_segment(dk, dv, k, v, *state, t_lo, tl.max(hi, 0) - t_lo + 1, *rule, BLOCK, BLOCK_M,
-                                   HEAD_DIM, BLOCK_D, CAUSAL, 1, False, UPCAST, TMA)
+            dk, dv = _dkdv_segment(dk, dv, k, v, *state, t_lo, tl.max(hi, 0) - t_lo + 1, *rule, BLOCK=BLOCK,
+                                   BLOCK_M=BLOCK_M, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CAUSAL=CAUSAL,
+                                   MASK=MASK_BLOCKS, TABLE=False, UPCAST=UPCAST, TMA=TMA)
             if tl.max(long.to(tl.int32), 0) > 0:
-                c = tl.where(dense, kb, (kb - _first_congruent(0, stride, shift)) // stride)
+                c = tl.where(dense, kb, (kb - first_congruent(0, stride, shift)) // stride)
                 where = (b, k_start, c, h, k_pos - kb * BLOCK, offs_d, n_heads, part_cols, part_stride)
                 p_mask = kv_mask & long[:, None]
                 dk += tl.load(_long_col_ptrs(PART_K, *where, BLOCK, BLOCK_D, VARLEN), mask=p_mask, other=0.0)

@@ -26,9 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import interpreting
-
-_LOG2E = 1.4426950408889634
+from .plan import interpreting
+from .rule import LOG2E
 
 
 @triton.jit
@@ -238,7 +237,7 @@ def decode_attention(
         stride_mh, stride_mq,
         dst_out.stride(0), dst_out.stride(1), stride_os,
         dst_lse.stride(0), dst_lse.stride(1),
-        softmax_scale * _LOG2E, head_dim, local_blocks, vert_stride,
+        softmax_scale * LOG2E, head_dim, local_blocks, vert_stride,
         BLOCK=block, SUB=_page_piece(block, _padded(head_dim), k_pages.element_size()), HEAD_DIM=_padded(head_dim),
         GROUP=group,
         M=max(16, triton.next_power_of_2(group)), RULE=rule is not None, NUM_SPLITS=splits,

@@ -24,8 +24,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-from .attention import (_column_block, _first_congruent, _head_rule, _load_lse2, _long_open_tile, _lse2,
-                        _row_segments, _rows_allowed, _tile_ok)
+from .attention import _load_lse2, _lse2
+from .rule import column_block, first_congruent, head_rule, long_open_tile, row_segments, rows_allowed, tile_ok
 
 ROWS = gl.constexpr(64)  # rows a compute warpgroup owns (one wgmma M)
 
@@ -69,10 +69,10 @@ def _loader(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_bufs, do_bu
     CW: gl.constexpr = ROWS // RPC  # columns a warpgroup spans
     mbarrier.expect(kv_ready, 2 * CW * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
     for j in gl.static_range(CW):  # rows of a column past the sequence's end read as zeros
-        row = _column_block(c0 + j, first, stride, dense) * BLOCK + in0
+        row = column_block(c0 + j, first, stride, dense) * BLOCK + in0
         tma.async_copy_global_to_shared(k_desc, [b, row, kvh, 0], kv_ready, k_bufs.index(0).slice(j * RPC, RPC, 1))
         tma.async_copy_global_to_shared(v_desc, [b, row, kvh, 0], kv_ready, v_bufs.index(0).slice(j * RPC, RPC, 1))
-        row = _column_block(c1 + j, first, stride, dense) * BLOCK + in1
+        row = column_block(c1 + j, first, stride, dense) * BLOCK + in1
         tma.async_copy_global_to_shared(k_desc, [b, row, kvh, 0], kv_ready, k_bufs.index(1).slice(j * RPC, RPC, 1))
         tma.async_copy_global_to_shared(v_desc, [b, row, kvh, 0], kv_ready, v_bufs.index(1).slice(j * RPC, RPC, 1))
     for i in range(hi - lo):
@@ -107,11 +107,11 @@ def _compute(q_bufs, do_bufs, k_bufs, v_bufs, lse_bufs, delta_bufs, ready, empty
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=d_layout, k_width=2)
     # where each key row's column opens (causal): rows of later columns are masked in the tiles between
     offs_k = gl.arange(0, ROWS, gl.SliceLayout(1, s_layout))
-    row_open = _long_open_tile(_column_block(c_first + offs_k // RPC, first, stride, dense), q_tile_lo, BLOCK,
-                               BLOCK_M, OPEN_ALIGN, CAUSAL)
+    row_open = long_open_tile(column_block(c_first + offs_k // RPC, first, stride, dense), q_tile_lo, BLOCK=BLOCK,
+                              BLOCK_M=BLOCK_M, OPEN_ALIGN=OPEN_ALIGN, CAUSAL=CAUSAL)
     n = hi - lo
-    kb = _column_block(c_first, first, stride, dense)
-    opens = _long_open_tile(kb, q_tile_lo, BLOCK, BLOCK_M, OPEN_ALIGN, CAUSAL)
+    kb = column_block(c_first, first, stride, dense)
+    opens = long_open_tile(kb, q_tile_lo, BLOCK=BLOCK, BLOCK_M=BLOCK_M, OPEN_ALIGN=OPEN_ALIGN, CAUSAL=CAUSAL)
     n_skip = gl.where(kb * BLOCK + in_first < len_k, gl.minimum(gl.maximum(opens - lo, 0), n), n)  # else no rows
     n_masked = gl.minimum(gl.maximum(gl.max(row_open, 0) - lo, n_skip), n)
     zeros_s = gl.zeros([ROWS, BLOCK_M], gl.float32, s_layout)
@@ -145,7 +145,7 @@ def _compute(q_bufs, do_bufs, k_bufs, v_bufs, lse_bufs, delta_bufs, ready, empty
     offs_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, d_layout))
     col = c_first + offs_r // RPC
     in_blk = in_first + offs_r % RPC
-    ok = (_column_block(col, first, stride, dense) * BLOCK + in_blk < len_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    ok = (column_block(col, first, stride, dense) * BLOCK + in_blk < len_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
     rows = ((part_base + col).to(gl.int64) * n_heads + h) * BLOCK + in_blk
     ptrs = rows[:, None] * HEAD_DIM + offs_d[None, :]
     if ATOMIC:
@@ -178,18 +178,19 @@ def _attn_bwd_dkdv_long_ws(
     COL_ROWS: gl.constexpr = 2 * ROWS // COLS  # rows of one column in the 128-key tile
     NSUB: gl.constexpr = BLOCK // COL_ROWS  # tiles to a column
     group = tile // NSUB
-    shift, dense = _head_rule(h, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous)
-    first = _first_congruent(0, stride, shift)
+    shift, dense = head_rule(h, stride=stride, step=step, offset=offset, heads_per_group=heads_per_group,
+                             head_base=head_base, sparse_groups=sparse_groups, homogeneous=homogeneous)
+    first = first_congruent(0, stride, shift)
     # each warpgroup's first column and row in it
     c0 = group * COLS
     c1 = group * COLS + ROWS // COL_ROWS
     in0 = (tile % NSUB) * COL_ROWS
     in1 = (tile % NSUB) * COL_ROWS + ROWS % COL_ROWS
-    kb0 = _column_block(c0, first, stride, dense)
+    kb0 = column_block(c0, first, stride, dense)
     if kb0 * BLOCK < len_k:
         q_off = len_k - len_q
         q_tile_lo = q_off // BLOCK_M
-        opens = _long_open_tile(kb0, q_tile_lo, BLOCK, BLOCK_M, OPEN_ALIGN, CAUSAL)
+        opens = long_open_tile(kb0, q_tile_lo, BLOCK=BLOCK, BLOCK_M=BLOCK_M, OPEN_ALIGN=OPEN_ALIGN, CAUSAL=CAUSAL)
         lo = gl.maximum(opens, q_tile_lo + split * chunk)  # split: an absolute range (launch._long_order)
         hi = gl.minimum(q_tile_lo + (split + 1) * chunk, (len_k - 1) // BLOCK_M + 1)
         q_bufs = gl.allocate_shared_memory(q_desc.dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
@@ -217,7 +218,7 @@ def _attn_bwd_dkdv_long_ws(
 # --------------------------------------------------------------------------- dQ, query-major
 @gluon.jit
 def _nth_block(j, a0, a_step, an, b_lo, bn, c_lo, cn, d_lo, dn, e0, stride):
-    """Key block of step ``j`` over a query tile's five segments in order (see ``attention._row_segments``),
+    """Key block of step ``j`` over a query tile's five segments in order (see ``rule.row_segments``),
     and whether it is masked (segments b, d, e)."""
     ab = an + bn
     abc = ab + cn
@@ -301,8 +302,8 @@ def _dq_compute(q_bufs, do_bufs, k_bufs, v_bufs, qdo_ready, ready, empty, O, DO,
         p = gl.exp2(st * qk_scale - lse2[:, None])
         if masked:
             k_pos = kb * BLOCK + (j % NSUB) * KEYS + offs_n
-            ok = _tile_ok(_rows_allowed(qb_rows, kb, local, stride, shift, dense, CAUSAL), q_pos, k_pos, len_k,
-                          CAUSAL)
+            ok = tile_ok(rows_allowed(qb_rows, kb, local, stride, shift, dense, CAUSAL=CAUSAL), q_pos, k_pos, len_k,
+                         CAUSAL=CAUSAL)
             p = gl.where(ok, p, 0.0)
         dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt,))
         ds = p * (dpt - delta[:, None])
@@ -334,11 +335,12 @@ def _attn_bwd_dq_ws(
     q_off = len_k - len_q
     tile = (len_k - 1) // TILE - gl.program_id(0)
     if tile >= q_off // TILE:
-        shift, dense = _head_rule(h, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous)
+        shift, dense = head_rule(h, stride=stride, step=step, offset=offset, heads_per_group=heads_per_group,
+                                 head_base=head_base, sparse_groups=sparse_groups, homogeneous=homogeneous)
         qb_lo = (tile * TILE) // BLOCK
         qb_hi = gl.minimum(tile * TILE + TILE - 1, len_k - 1) // BLOCK
-        a0, an, b_lo, b_hi, c_lo, c_hi, d_lo, d_hi, e0, en = _row_segments(
-            qb_lo, qb_hi, gl.cdiv(len_k, BLOCK), local, stride, shift, dense, CAUSAL)
+        a0, an, b_lo, b_hi, c_lo, c_hi, d_lo, d_hi, e0, en = row_segments(
+            qb_lo, qb_hi, gl.cdiv(len_k, BLOCK), local=local, stride=stride, shift=shift, dense=dense, CAUSAL=CAUSAL)
         a_step = gl.where(dense, 1, stride)
         bn = gl.maximum(b_hi - b_lo + 1, 0)
         cn = gl.maximum(c_hi - c_lo + 1, 0)

@@ -25,7 +25,7 @@ class Driver:
         self.cache = SparseKVCache(patterns, num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
                                    head_dim=head_dim, num_pages=num_pages, max_seqs=max_seqs, dtype=dtype,
                                    device=device)
-        self.patterns = [self.cache.layer(i)[3] for i in range(num_layers)]
+        self.patterns = [self.cache.layer(i).pattern for i in range(num_layers)]
         self.dtype, self.device, self.gen = dtype, device, torch.Generator().manual_seed(seed)
         self.keys: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.errors: list[float] = []

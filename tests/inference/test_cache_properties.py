@@ -163,7 +163,7 @@ def _run_step(data, model: Plain, gen: torch.Generator) -> None:
             model.tokens[slot][layer] = (K, V)
             if not model.poison[slot]:
                 ref = s2attn.reference_attention(q[None, start : start + n].double(), K[None], V[None],
-                                                 cache.layer(layer)[3])
+                                                 cache.layer(layer).pattern)
                 got = outs[layer][start : start + n]
                 assert torch.isfinite(got).all(), f"slot {slot} layer {layer} read another sequence's NaN"
                 assert rel_err(got, ref[0]) <= 1e-4, (slot, layer)

@@ -114,7 +114,7 @@ def test_failed_step_of_a_running_sequence_leaves_its_tokens_and_pages():
         for layer, (_, k0, v0) in enumerate(kept):
             k0, v0 = k0[:37], v0[:37]  # sequence a's rows of the packed first step
             out = prefill(cache, layer, q, k, v)
-            pattern = cache.layer(layer)[3]
+            pattern = cache.layer(layer).pattern
             ref = s2attn.reference_attention(q[None].double(), torch.cat([k0, k])[None].double(),
                                              torch.cat([v0, v])[None].double(), pattern)
             assert torch.isfinite(out).all()
@@ -167,7 +167,7 @@ def test_an_interrupted_end_step_can_only_be_finished(monkeypatch):
     cache.end_step()
     assert cache.seq_len(a) == 100 and cache.current_step is None
     for layer in range(3):
-        kept = s2attn.inference.kv_blocks_kept(cache.layer(layer)[3], H, HKV, 100).sum()
+        kept = s2attn.inference.kv_blocks_kept(cache.layer(layer).pattern, H, HKV, 100).sum()
         assert cache.pages_in_use(layer) == kept
 
 

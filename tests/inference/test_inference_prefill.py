@@ -28,7 +28,7 @@ def test_packed_prefill_matches_varlen_reference():
     with cache.step(slots, LENS) as step:
         out = prefill(cache, 0, q, k, v)
         cu = step.cu_seqlens_q
-    ref = s2attn.reference_attention_varlen(q.double(), k.double(), v.double(), cu, cu, cache.layer(0)[3])
+    ref = s2attn.reference_attention_varlen(q.double(), k.double(), v.double(), cu, cu, cache.layer(0).pattern)
     assert rel_err(out, ref) <= TOL[torch.float32]
     assert [cache.seq_len(s) for s in slots] == LENS
 

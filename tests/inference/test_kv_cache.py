@@ -32,7 +32,7 @@ def _fill(cache, slots, new):
 
 
 def _present(cache, slot, layer=0):
-    table = cache.layer(layer)[2].cpu()[slot]
+    table = cache.layer(layer).page_table.cpu()[slot]
     return table >= 0  # (kv_heads, max_blocks)
 
 
@@ -117,7 +117,7 @@ def test_bytes_in_use_dense_layers_and_removal():
     assert cache.bytes_in_use() == (2 * sparse_pages + dense_pages) * page_bytes
     cache.remove_sequence(a)
     cache.remove_sequence(b)
-    assert cache.bytes_in_use() == 0 and (cache.layer(0)[2] == -1).all()
+    assert cache.bytes_in_use() == 0 and (cache.layer(0).page_table == -1).all()
 
 
 def test_memory_at_128k_is_within_ten_percent_of_ideal():

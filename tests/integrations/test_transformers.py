@@ -265,7 +265,7 @@ def test_sliding_windows_and_softcapping_are_refused_when_built():
 
 
 def test_model_loaded_without_s2attn_warns_once(tmp_path, monkeypatch):
-    monkeypatch.setattr(s2attn.validation, "_WARNED", set())
+    s2attn.validation.forget_warnings()
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     tiny().save_pretrained(tmp_path)
     x = tokens(1, 40)

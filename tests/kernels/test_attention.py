@@ -12,6 +12,7 @@ import torch
 import s2attn
 from s2attn import ops
 from s2attn.kernels import launch
+from s2attn.kernels.plan import Tiles, plan_overrides, tma_strides, warp_specialised_blocker
 from s2attn.patterns import from_mask, local_stride
 
 pytestmark = pytest.mark.skipif(
@@ -24,8 +25,9 @@ QUICK = pytest.mark.quick  # `make test-quick`: one case per feature
 
 
 @pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
+def poison():
+    with plan_overrides(poison=True):
+        yield
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor, floor: float = 1e-2) -> float:
@@ -151,8 +153,11 @@ def test_views_tma_cannot_read():
     pattern = local_stride(4, 512, 32, local_blocks=2, vert_stride=3, num_kv_heads=2)
     qkv = torch.randn(1, 130, 4 + 2 + 2, 33, device=DEVICE)[..., 1:]
     q, k, v = qkv[:, :, :4], qkv[:, :, 4:6], qkv[:, :, 6:]
-    assert all(launch._row_tiles(x, 32, 32) is None for x in (q, k, v))
-    check(q, k, v, pattern)
+    assert all(tma_strides(x) is None for x in (q, k, v))
+    plans = []
+    with plan_overrides(observe=plans.append):
+        check(q, k, v, pattern)
+    assert plans and not any(x.tma for p in plans for x in p.launches)
 
 
 @QUICK
@@ -292,41 +297,43 @@ def test_deterministic_backward_is_bit_identical():
 
 
 @pytest.mark.parametrize("as_mask", [pytest.param(False, marks=QUICK), True])
-def test_split_columns_match_unsplit(monkeypatch, as_mask):
+def test_split_columns_match_unsplit(as_mask):
     """Long vertical columns split across programs (atomics) equal the single-program result,
     for the closed-form rule (the long pass) and for its mask twin through the tables (split columns)."""
-    monkeypatch.setattr(launch, "DKDV_CHUNK", 1)
-    monkeypatch.setattr(launch, "DKDV_SPLITS", 64)
     pattern = local_stride(2, 389, 16, local_blocks=1, vert_stride=4, num_dense_heads=1)
     if as_mask:
         pattern = from_mask(pattern.block_mask(389), 16)
     q, k, v = make_qkv(1, 389, 389, 2, 2, 32, torch.float32)
-    split = check(q, k, v, pattern)
-    single = check(q, k, v, pattern, deterministic=True)
+    plans = []
+    with plan_overrides(dkdv_chunk=1, dkdv_splits=64, observe=plans.append):
+        split = check(q, k, v, pattern)
+        single = check(q, k, v, pattern, deterministic=True)
+    split_plan, single_plan = (p for p in plans if p.dkdv is not None)
+    split_pass = split_plan.dkdv if as_mask else split_plan.dkdv_long
+    assert split_pass.atomic and not single_plan.dkdv.atomic and not single_plan.launches[1].atomic
     for a, b in zip(split, single):
         assert rel_err(a, b.double()) <= 1e-5
 
 
 @pytest.mark.parametrize("block, causal", [pytest.param(16, True, marks=QUICK), (16, False), (64, True), (64, False)])
-def test_key_block_pairs(monkeypatch, block, causal):
+def test_key_block_pairs(block, causal):
     """Forward and dQ reading unmasked key blocks two at a time (the forward's default past 32k keys):
     vertical ones stride apart, window ones adjacent, dense heads' consecutive ones, odd ones left over."""
-    for kernel in ("fwd", "dq"):
-        monkeypatch.setitem(launch.TILE_OVERRIDES, kernel, launch.Tiles(64, block, 4, 1, pairs=True))
     seq = 21 * block + 5
     pattern = local_stride(4, 4096, block, local_blocks=2, vert_stride=2, num_kv_heads=2, num_dense_heads=1,
                            causal=causal)
-    check(*make_qkv(1, seq, seq, 4, 2, 32, torch.float32), pattern)
+    with plan_overrides(tiles={kernel: Tiles(64, block, 4, 1, pairs=True) for kernel in ("fwd", "dq")}):
+        check(*make_qkv(1, seq, seq, 4, 2, 32, torch.float32), pattern)
 
 
 @pytest.mark.parametrize("block_n", [32, 128])
-def test_long_column_tiles(monkeypatch, block_n):
+def test_long_column_tiles(block_n):
     """The dK/dV long pass with two columns to a key tile (block_n 128), and with each block cut into
     two key tiles (block_n 32); a dense head, and kv heads shared by query heads of different
     vertical offsets (the pattern's groups are single heads)."""
-    monkeypatch.setitem(launch.TILE_OVERRIDES, "dkdv_long", launch.Tiles(32, block_n, 4, 1))
     pattern = local_stride(4, 4096, 64, local_blocks=2, vert_stride=3, num_dense_heads=1)
-    check(*make_qkv(1, 1100, 1100, 4, 2, 32, torch.float32), pattern)
+    with plan_overrides(tiles={"dkdv_long": Tiles(32, block_n, 4, 1)}):
+        check(*make_qkv(1, 1100, 1100, 4, 2, 32, torch.float32), pattern)
 
 
 @QUICK
@@ -362,14 +369,13 @@ def test_tma_rows(n, lead):
 
 @pytest.mark.parametrize("long_m, short_m", [(32, 64), (64, 32)])
 @pytest.mark.parametrize("block", [16, 32])
-def test_long_pass_own_query_tile(monkeypatch, long_m, short_m, block):
+def test_long_pass_own_query_tile(long_m, short_m, block):
     """The two dK/dV passes on query tiles of different sizes: a long column's full tiles start at a
     multiple of both, so no (query, key) pair is counted twice or missed, also where a tile of the
     bigger size holds several pattern blocks; fewer queries than keys (end-aligned)."""
-    monkeypatch.setitem(launch.TILE_OVERRIDES, "dkdv_long", launch.Tiles(long_m, 64, 4, 1))
-    monkeypatch.setitem(launch.TILE_OVERRIDES, "dkdv", launch.Tiles(short_m, block, 4, 1))
     pattern = local_stride(2, 4096, block, local_blocks=2, vert_stride=3, num_dense_heads=1)
-    check(*make_qkv(1, 397, 421, 2, 2, 32, torch.float32), pattern)
+    with plan_overrides(tiles={"dkdv_long": Tiles(long_m, 64, 4, 1), "dkdv": Tiles(short_m, block, 4, 1)}):
+        check(*make_qkv(1, 397, 421, 2, 2, 32, torch.float32), pattern)
 
 
 WARP_SPECIALISED = (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
@@ -378,27 +384,29 @@ WARP_SPECIALISED = (torch.cuda.is_available() and torch.cuda.get_device_capabili
 
 @QUICK
 @pytest.mark.skipif(launch.GluonDescriptor is None, reason="needs Gluon (Triton >= 3.5)")
-def test_warp_specialised_only_where_they_apply(monkeypatch):
+def test_warp_specialised_only_where_they_apply():
     """The Gluon kernels' dispatch (whatever the device, as if it were an H100): 16-bit tensors TMA can
     address, head dims 64 and 128, any pattern block (K and V in tiles of the block under 64); not fp32,
-    other head dims, packed sequences, views off 16-byte alignment, no queries, or a GPU without ``wgmma``."""
-    monkeypatch.setattr(launch, "_is_hopper", lambda device: True)
+    other head dims, packed sequences, mask tables, views off 16-byte alignment, no queries, or a GPU without
+    ``wgmma``."""
 
-    def descs(dtype=torch.bfloat16, dim=128, block=64, varlen=False, offset=0, queries=256):
+    def tensors(dtype=torch.bfloat16, dim=128, offset=0, queries=256):
         qkv = torch.zeros(1, 256, 3, dim + offset, dtype=dtype)[..., offset:]
-        q, k, v = qkv.unbind(2)
-        q = q[:, :queries]
-        lse = torch.zeros(1, 1, queries)
-        return launch._hopper_descriptors(*(x.unsqueeze(2) for x in (q, k, v, q)), lse, block, varlen)
+        q, k, v = (x.unsqueeze(2) for x in qkv.unbind(2))
+        return q[:, :queries], k, v, q[:, :queries], torch.zeros(1, 1, queries)
 
-    tiles = descs(block=16)
-    assert tiles is not None and [d.block_shape[1] for d in tiles] == [64, 64, 16, 16]
-    assert descs(torch.float16, dim=64, block=256) is not None
-    for case in (dict(dtype=torch.float32), dict(dim=96), dict(dim=256), dict(varlen=True), dict(offset=4),
-                 dict(queries=0)):
-        assert descs(**case) is None, case
-    monkeypatch.setattr(launch, "_is_hopper", lambda device: False)
-    assert descs() is None
+    def blocker(varlen=False, table=False, **case):
+        return warp_specialised_blocker(*tensors(**case), varlen, table)
+
+    with plan_overrides(hopper=True):
+        assert blocker() == "" and blocker(dtype=torch.float16, dim=64) == ""
+        q, k, v, do, _ = tensors()
+        assert [d.block_shape[1] for d in launch._hopper_descriptors(q, k, v, do, 16)] == [64, 64, 16, 16]
+        for case in (dict(dtype=torch.float32), dict(dim=96), dict(dim=256), dict(varlen=True), dict(table=True),
+                     dict(offset=4), dict(queries=0)):
+            assert blocker(**case), case
+        with plan_overrides(hopper=False):
+            assert blocker() == "not an sm_90 GPU"
 
 
 @pytest.mark.skipif(not WARP_SPECIALISED, reason="the warp-specialised kernels need Gluon and an sm_90 GPU")
@@ -407,27 +415,27 @@ def test_warp_specialised_only_where_they_apply(monkeypatch):
                                                (128, 128, torch.bfloat16), (256, 128, torch.bfloat16)])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_warp_specialised_kernels(monkeypatch, block, dim, dtype, causal, deterministic):
+def test_warp_specialised_kernels(block, dim, dtype, causal, deterministic):
     """The Gluon dQ and long pass (Hopper) against the reference and against the Triton kernels: four or
     two columns to a warpgroup, opening one after another (blocks 16, 32), two long columns to a 128-key
     tile (64), half a block a warpgroup (128), two tiles to a block (256); two or four key tiles to a block
     in dQ (which takes blocks of 64 and more); head dims 128 and 64; batch 2, GQA, a dense head, fewer queries
     than keys (end-aligned, odd: lse / delta rows read through TMA from a padded layout), a last column cut
     short; split columns (atomics) and deterministic (stores, and the lse gradient)."""
-    monkeypatch.setattr(launch, "WS_DQ_FROM", 0)  # dQ's Gluon kernel runs past 32k keys by default
-    taken = []
-    real = launch._hopper_descriptors
-    monkeypatch.setattr(launch, "_hopper_descriptors", lambda *a: taken.append(real(*a)) or taken[-1])
     pattern = local_stride(4, 8192, block, local_blocks=2, vert_stride=3, num_kv_heads=2, num_dense_heads=1,
                            causal=causal)
     q, k, v = make_qkv(2, 2900 - block // 2 - 3, 2900, 4, 2, dim, dtype)
-    ws = check(q, k, v, pattern, deterministic=deterministic, with_lse=deterministic)
-    assert taken and all(d is not None for d in taken), "the warp-specialised kernels did not run"
-    if deterministic:  # stores, no atomics: bit-identical run to run
-        for a, b in zip(ws, check(q, k, v, pattern, deterministic=True, with_lse=True)):
-            assert torch.equal(a, b)
-    monkeypatch.setattr(launch, "WARP_SPECIALISED", {"dq": False, "dkdv_long": False})
-    triton_grads = check(q, k, v, pattern, deterministic=deterministic, with_lse=deterministic)
+    plans = []
+    with plan_overrides(ws_dq_from=0, observe=plans.append):  # dQ's Gluon kernel runs past 32k keys by default
+        ws = check(q, k, v, pattern, deterministic=deterministic, with_lse=deterministic)
+        if deterministic:  # stores, no atomics: bit-identical run to run
+            for a, b in zip(ws, check(q, k, v, pattern, deterministic=True, with_lse=True)):
+                assert torch.equal(a, b)
+    backward = [p for p in plans if p.dkdv is not None]
+    assert backward and all(p.dkdv_long.warp_specialised and p.dq.warp_specialised == (block >= 64)
+                            for p in backward), "the warp-specialised kernels did not run"
+    with plan_overrides(warp_specialised={"dq": False, "dkdv_long": False}):
+        triton_grads = check(q, k, v, pattern, deterministic=deterministic, with_lse=deterministic)
     for a, b in zip(ws, triton_grads):
         assert rel_err(a, b.double()) <= 4e-3
 

@@ -33,8 +33,9 @@ import triton
 import triton.language as tl
 
 from ...api import sparse_attention_varlen
-from ...inference.decode import _blocks_read, _kernel_pattern
+from ...inference.decode import _blocks_read
 from ...kernels.decode import choose_num_splits, decode_attention
+from ...lowering import DecodeForm, decode_form
 from ...kernels.launch import interpreting
 from ...patterns import BlockPattern
 
@@ -51,17 +52,17 @@ class LayerPlan:
 
     ``pattern`` covers this rank's query heads only, each keeping its *global* index (so its
     vertical offset and dense group are those of the unsliced model); ``kernel`` is what the decode
-    kernel takes (``rule=(first, dense, local, stride)`` or ``block_mask``)."""
+    kernel takes (:func:`s2attn.lowering.decode_form`)."""
 
     pattern: BlockPattern
     num_heads: int
     num_kv_heads: int
-    kernel: dict
+    kernel: DecodeForm
 
     @classmethod
     def build(cls, pattern: BlockPattern, num_heads: int, num_kv_heads: int, device: torch.device) -> LayerPlan:
         pattern.check_heads(num_heads, "num_heads")
-        return cls(pattern, num_heads, num_kv_heads, _kernel_pattern(pattern, num_heads, num_kv_heads, device))
+        return cls(pattern, num_heads, num_kv_heads, decode_form(pattern, num_heads, num_kv_heads, device))
 
     def blocks_read(self, context: int) -> int:
         """Most key blocks one query at position ``context - 1`` reads (sets the split-KV count)."""
@@ -177,7 +178,7 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_
     table = block_table[:batch, None, :].expand(-1, plan.num_kv_heads, -1)  # one table for every kv head
     partial_out, partial_lse = buffers.partials(batch)
     decode_attention(q, k_cache, v_cache, table, seq_lens, buffers.rows[:batch], out, buffers.lse[:batch],
-                     softmax_scale=softmax_scale, partial_out=partial_out, partial_lse=partial_lse, **plan.kernel)
+                     softmax_scale=softmax_scale, partial_out=partial_out, partial_lse=partial_lse, **plan.kernel._asdict())
 
 
 # ---------------------------------------------------------------------------------------------- prefill

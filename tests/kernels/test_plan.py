@@ -1,0 +1,42 @@
+"""Launch plans: one frozen plan per call, readable, with overrides passed in (no kernel runs here)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from s2attn.kernels.plan import LaunchPlan, Tiles, make_plan, plan_overrides
+
+
+def _backward(dtype=torch.bfloat16, dim=128, block=64, keys=65536, table=False, **kw) -> LaunchPlan:
+    q = torch.zeros(1, 128, 2, dim, dtype=dtype)
+    return make_plan("backward", q, q, q, do=q, lse=torch.zeros(1, 2, 128), block=block, max_q=keys, max_k=keys,
+                     varlen=False, table=table, **kw)
+
+
+def test_plan_says_which_kernels_run_and_why():
+    with plan_overrides(hopper=True):
+        plan = _backward()
+    assert [x.kernel for x in plan.launches] == ["_attn_bwd_dq_ws", "_attn_bwd_dkdv_long_ws", "_attn_bwd_dkdv"]
+    text = repr(plan)
+    assert text.splitlines()[0].startswith("LaunchPlan(backward, rule, block 64, bfloat16, head dim 128")
+    assert "_attn_bwd_dq_ws: 128x64 tiles, 4 warps, 2 stages, TMA  (warp-specialised)" in text
+    with plan_overrides(hopper=False):
+        plan = _backward(dtype=torch.float32, table=True)
+    assert [x.kernel for x in plan.launches] == ["_attn_bwd_dq", "_attn_bwd_dkdv"]
+    assert plan.dkdv.atomic and "atomic adds" in repr(plan) and "fp32" in repr(plan.dq)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.chunk = 1
+
+
+def test_overrides_nest_and_end():
+    seen = []
+    with plan_overrides(hopper=True, observe=seen.append):
+        with plan_overrides(tiles={"dkdv": Tiles(64, 64, 4, 1)}, warp_specialised={"dq": False}, dkdv_splits=2):
+            inner = _backward()
+        outer = _backward()
+    after = _backward()
+    assert seen == [inner, outer]
+    assert inner.dkdv.tiles == Tiles(64, 64, 4, 1) and inner.dq.kernel == "_attn_bwd_dq"
+    assert outer.dq.kernel == "_attn_bwd_dq_ws" and outer.dkdv.tiles != inner.dkdv.tiles
+    assert after.dkdv_long.kernel == "_attn_bwd_dkdv_long"  # CPU tensors: not an sm_90 GPU again
