@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session: environment, GPU tests, benchmarks; a short table last.
-# Usage (device tool): bash scripts/gpu_check.sh [tests|fuzz|bench|all]   results land in $OUT (default ./gpu-out)
+# Usage (device tool): bash scripts/gpu_check.sh [tests|fuzz|bench|compare|all]   results land in $OUT (default ./gpu-out)
+# compare: REF=DIR (a package tree of another commit: git archive COMMIT s2attn | tar -x -C DIR) timed against
+# this tree in alternation, ROUNDS times each (default 2), with the same `s2attn bench` arguments (COMPARE_ARGS).
 set -uo pipefail
 what=${1:-all}
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -39,4 +41,25 @@ if [[ $what == extra || $what == all ]]; then
   timeout 150 python3 -m s2attn bench --seqlens 32768,131072 --block-size 16 --providers s2attn,flex-same \
       --out "$OUT/bench16" 2>&1 | tail -8
   timeout 120 python3 benchmarks/bench_long.py 2>&1 | tee "$OUT/long.log" | tail -4
+fi
+if [[ $what == compare ]]; then
+  args=${COMPARE_ARGS:---seqlens 32768,131072 --providers s2attn}
+  for round in $(seq ${ROUNDS:-2}); do
+    for side in ref this; do
+      path=$PWD; [[ $side == ref ]] && path=${REF:?REF=DIR of the other tree}
+      PYTHONPATH=$path timeout ${COMPARE_TIMEOUT:-150} python3 -m s2attn bench $args --out "$OUT/compare-$side-$round" \
+          > "$OUT/compare-$side-$round.log" 2>&1 || echo "compare $side $round: exit $?"
+    done
+  done
+  python3 - "$OUT" <<'PY'
+import json, pathlib, sys
+rows = []
+for f in sorted(pathlib.Path(sys.argv[1]).glob("compare-*/results.json")):
+    side, rnd = f.parent.name.split("-")[1:]
+    for r in json.loads(f.read_text())["rows"]:
+        rows.append((r["seqlen"], r["provider"], side, rnd, r.get("fwd_ms"), r.get("bwd_ms")))
+print("| seqlen | provider | tree | round | fwd ms | bwd ms |\n|---|---|---|---|---|---|")
+for row in sorted(rows):
+    print("| " + " | ".join(f"{x:.2f}" if isinstance(x, float) else str(x) for x in row) + " |")
+PY
 fi
