@@ -1,7 +1,7 @@
 """remap.py: attention over gathered keys through a block map equals the plain reference on the whole sequence.
 
-Each case takes a query range ``[a, e)`` of a full sequence and a packed key layout (a random superset
-of the blocks the queries read, with padding), gathers the
+Each case takes a query range ``[a, e)`` of a full sequence and a packed key layout (context parallelism's
+own, for several worlds, or a random superset of the blocks the queries read, with padding), gathers the
 keys, and compares output, lse and the gradients of q, k, v (the packed gradients land back on the full
 keys through the gather) with the plain reference run on the full sequence with the output cotangent
 zero outside ``[a, e)``. Padding rows hold large random values, so a read of one shows.
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from s2attn import dense, from_mask, local_stride, reference_attention
-from s2attn.integrations.distributed import needed_key_blocks
+from s2attn.integrations.distributed import _plan_for, needed_key_blocks
 from s2attn.remap import remapped_attention
 
 TOL = 1e-10  # float64
@@ -67,6 +67,19 @@ PATTERNS = {
 }
 
 
+@pytest.mark.parametrize("name", PATTERNS)
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_context_parallel_layouts_match_the_reference(name, world):
+    """Every chunk of every rank, in context parallelism's packed layout (odd chunk lengths when causal)."""
+    pattern, heads, kv_heads = PATTERNS[name]
+    seq = 2 * world * (16 * 2 if not pattern.causal else 23)
+    for rank in range(world):
+        plan = _plan_for(pattern, seq, world, rank, heads, kv_heads, pattern.causal)
+        for chunk in plan.chunks:
+            e = chunk.a + chunk.rows.stop - chunk.rows.start
+            _check(pattern, heads, kv_heads, seq, chunk.a, e, chunk.key_blocks, chunk.width, seed=rank)
+
+
 @pytest.mark.parametrize("name", ["gqa", "dense_group", "homogeneous", "mask", "bidirectional"])
 @pytest.mark.parametrize("a,e", [(0, 7), (37, 101), (80, 160), (250, 333)])
 def test_random_supersets_with_padding(name, a, e):
@@ -91,6 +104,26 @@ def test_random_supersets_with_padding(name, a, e):
     key_blocks = torch.stack([torch.cat([torch.full((n_packed - len(r),), -1), r]) for r in rows]).to(torch.int32)
     width = (n_packed - 1) * B + min(e, seq) - hi * B
     _check(pattern, heads, kv_heads, seq, a, e, key_blocks, width)
+
+
+def test_causal_override_drops_token_causality_only():
+    pattern, heads, kv_heads = PATTERNS["gqa"]
+    plan = _plan_for(pattern, 4 * 32, 2, 1, heads, kv_heads, False)  # whole-block chunks, as CP asks then
+    for chunk in plan.chunks:
+        _check(pattern, heads, kv_heads, 4 * 32, chunk.a, chunk.a + 32, chunk.key_blocks, chunk.width, causal=False)
+
+
+def test_the_table_path_on_request_equals_the_remap():
+    """``via_tables``: the packed mask through the kernels (the interpreter here), for comparison."""
+    pattern = local_stride(2, 4096, 16, 1, 2, num_kv_heads=1)
+    plan = _plan_for(pattern, 4 * 20, 2, 1, 2, 1, True)
+    g = torch.Generator().manual_seed(5)
+    for chunk in plan.chunks:
+        q = torch.randn(1, 20, 2, 8, generator=g)
+        k, v = (torch.randn(1, chunk.width, 1, 8, generator=g) for _ in range(2))
+        want = remapped_attention(q.double(), k.double(), v.double(), pattern, chunk.key_blocks, chunk.a)
+        got = remapped_attention(q, k, v, pattern, chunk.key_blocks, chunk.a, via_tables=True)
+        assert _rel(got.double(), want) < 1e-4
 
 
 def test_errors_name_the_argument():
