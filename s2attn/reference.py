@@ -41,18 +41,72 @@ def attend(
     for start in range(0, max(sq, 1), chunk_size):  # no queries: one empty chunk, so autograd still reaches q, k, v
         qpos = torch.arange(sk - sq + start, sk - sq + min(start + chunk_size, sq), device=q.device)
         allowed = pattern.token_mask_rows(qpos.cpu(), kpos.cpu(), causal).to(q.device)  # (hp, c, sk)
-        scores = torch.einsum("bhqd,bhkd->bhqk", q[:, :, start : start + len(qpos)], k) * softmax_scale
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        row_max = scores.amax(-1, keepdim=True) if sk else scores.sum(-1, keepdim=True)  # no keys: amax refuses
-        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        p = torch.exp(scores - row_max)
-        denom = p.sum(-1, keepdim=True)
-        nonempty = denom > 0
-        safe = torch.where(nonempty, denom, torch.ones_like(denom))
-        outs.append(torch.einsum("bhqk,bhkd->bhqd", p, v) / safe)
-        lse = torch.where(nonempty, row_max + torch.log(safe), torch.full_like(safe, float("-inf")))
-        lses.append(lse.squeeze(-1))
+        out, lse = _masked_softmax(q[:, :, start : start + len(qpos)], k, v, allowed, softmax_scale)
+        outs.append(out)
+        lses.append(lse)
     return torch.cat(outs, 2), torch.cat(lses, 2)
+
+
+def _masked_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
+                    softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q (b, h, c, d)`` against ``k, v (b, h, sk, d)`` where ``allowed (h or 1, c, sk)``: ``out (b, h, c, d)``
+    and ``lse (b, h, c)``; a row with no allowed key gets 0 and ``-inf``."""
+    scores = torch.einsum("bhqd,bhkd->bhqk", q, k) * softmax_scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    row_max = scores.amax(-1, keepdim=True) if k.shape[2] else scores.sum(-1, keepdim=True)  # no keys: amax refuses
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    p = torch.exp(scores - row_max)
+    denom = p.sum(-1, keepdim=True)
+    nonempty = denom > 0
+    safe = torch.where(nonempty, denom, torch.ones_like(denom))
+    lse = torch.where(nonempty, row_max + torch.log(safe), torch.full_like(safe, float("-inf")))
+    return torch.einsum("bhqk,bhkd->bhqd", p, v) / safe, lse.squeeze(-1)
+
+
+def attend_remapped(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: BlockPattern,
+    key_blocks: torch.Tensor,
+    query_start: int,
+    softmax_scale: float,
+    causal: bool,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over keys gathered from a longer sequence, ``q (b, h, sq, d)``, ``k, v (b, hk, sk, d)``.
+
+    Key ``s`` of kv head ``g`` is absolute key ``key_blocks[g, s // B] * B + s % B`` (``key_blocks[g, j] < 0``:
+    padding, never read); query ``i`` is absolute query ``query_start + i``. The pattern's rule and causality
+    apply to these absolute positions, exactly as :func:`attend` applies them on the whole sequence. One kv
+    head and ``chunk_size`` queries at a time: nothing ``(heads, sq, sk)`` or ``(heads, n, n)`` is built.
+    """
+    b, h, sq, _ = q.shape
+    hk, sk = k.shape[1], k.shape[2]
+    group = h // hk
+    B = pattern.block_size
+    pattern_heads = torch.arange(h) if pattern.num_heads is not None else torch.zeros(h, dtype=torch.long)
+    s = torch.arange(sk)
+    outs, lses = [], []
+    for g in range(hk):
+        kb = key_blocks[g].to("cpu", torch.long)[s // B]
+        kpos = kb * B + s % B
+        heads = pattern_heads[g * group:(g + 1) * group, None, None]
+        k_g, v_g = (x[:, g:g + 1].expand(b, group, sk, x.shape[-1]) for x in (k, v))
+        outs_g, lses_g = [], []
+        for start in range(0, max(sq, 1), chunk_size):  # no queries: one empty chunk, as in attend
+            qpos = torch.arange(query_start + start, query_start + min(start + chunk_size, sq))
+            allowed = pattern.allows(heads, (qpos // B)[None, :, None], kb.clamp(min=0)[None, None, :])
+            allowed = allowed & (kb >= 0)[None, None, :]
+            if causal:
+                allowed = allowed & (kpos[None, None, :] <= qpos[None, :, None])
+            out, lse = _masked_softmax(q[:, g * group:(g + 1) * group, start:start + len(qpos)], k_g, v_g,
+                                       allowed.to(q.device), softmax_scale)
+            outs_g.append(out)
+            lses_g.append(lse)
+        outs.append(torch.cat(outs_g, 2))
+        lses.append(torch.cat(lses_g, 2))
+    return torch.cat(outs, 1), torch.cat(lses, 1)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -85,6 +139,33 @@ def reference_attention(
     out = out.to(q.dtype)
     if layout == "bshd":
         out = out.transpose(1, 2)
+    return (out, lse) if return_lse else out
+
+
+def reference_attention_remapped(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: BlockPattern,
+    key_blocks: torch.Tensor,
+    query_start: int,
+    *,
+    softmax_scale: float | None = None,
+    causal: bool | None = None,
+    return_lse: bool = False,
+):
+    """Reference attention over a gathered subset of keys (:func:`attend_remapped`): ``q (batch, seqlen_q,
+    heads, d)``, ``k, v (batch, seqlen_k, kv_heads, d)``, ``key_blocks (kv_heads, ceil(seqlen_k / block_size))``
+    the absolute block of each packed key block (``-1``: padding), ``query_start`` the absolute position of
+    query 0. Equal to :func:`reference_attention` on the whole sequence wherever the packed keys hold every
+    key a query reads. ``lse`` is ``(batch, heads, seqlen_q)``.
+    """
+    causal = pattern.causal if causal is None else causal
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    ct = compute_dtype(q.dtype)
+    out, lse = attend_remapped(*(x.transpose(1, 2).to(ct) for x in (q, k, v)), pattern, key_blocks, query_start,
+                               scale, causal)
+    out = out.to(q.dtype).transpose(1, 2)
     return (out, lse) if return_lse else out
 
 

@@ -11,18 +11,19 @@ equal chunks and rank ``r`` holds chunks ``r`` and ``2 * world - 1 - r`` (:func:
 :func:`zigzag_merge`; the order Megatron-core uses). Before attending, the ranks swap, in one
 ``all_to_all``, only the key/value tokens that their queries' pattern reads, *per kv head*: a
 local-stride head needs the tail of the preceding chunk and its own vertical blocks, not the whole
-sequence. The amount is planned from the pattern once per shape (closed form for rule patterns,
-linear in the number of blocks) and every rank derives the same plan, so no sizes are exchanged.
-For each of its two query chunks a rank then lays the gathered keys of each kv head out in
-absolute order, the query chunk last, and calls :func:`s2attn.sparse_attention` with a packed
-block pattern that maps packed blocks back to absolute ones: the result is exact, and the
-backward pass returns dK/dV to their owners through the differentiable ``all_to_all``.
+sequence. The amount is planned from the pattern once per shape, in vectorised steps linear in the
+number of blocks (closed form for rule patterns), and every rank derives the same reads, so no sizes
+are exchanged; a rank keeps only its own sends and receives, as runs of rows. For each of its two
+query chunks a rank then lays the gathered keys of each kv head out in absolute order (the query
+chunk's own blocks last) and attends through :func:`s2attn.remap.remapped_attention`: the pattern's
+own rule on absolute blocks, through a ``(kv_heads, packed blocks)`` map, with no mask and no
+tables. The result is exact, and the backward pass returns dK/dV to their owners through the
+differentiable ``all_to_all``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Sequence
 
 import torch
@@ -30,7 +31,8 @@ import torch.distributed as dist
 
 from ..api import sparse_attention
 from ..lowering import memo
-from ..patterns import BlockPattern, from_mask
+from ..patterns import BlockPattern
+from ..remap import remapped_attention
 
 Output = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -194,96 +196,12 @@ def needed_key_blocks(pattern: BlockPattern, heads: torch.Tensor, q_first: int, 
     return local | (vertical & reach)
 
 
-@dataclass
-class _Chunk:
-    """One query chunk ``[a, e)`` of a rank: its local rows, where each kv head's packed keys come
-    from, and (built on first use) the block pattern over the packed keys."""
-
-    rows: slice
-    index: torch.Tensor  # (kv_heads, K) rows of the receive buffer; the last row is zeros (padding)
-    col_blocks: torch.Tensor  # (kv_heads, K / block_size) absolute block of each packed key block, -1: padding
-    a: int
-    e: int
-    heads: int
-    source: BlockPattern
-    on_device: dict = field(default_factory=dict)
-
-    @cached_property
-    def pattern(self) -> BlockPattern:
-        return _packed_pattern(self.source, self.col_blocks, self.a, self.e, self.heads)
-
-
-@dataclass
-class _Plan:
-    send_index: torch.Tensor  # rows of this rank's (s_local * kv_heads) key/value rows, in send order
-    send_splits: list[int]
-    recv_splits: list[int]
-    chunks: list[_Chunk]
-    on_device: dict = field(default_factory=dict)
-
-
-def _packed_blocks(pattern: BlockPattern, heads: torch.Tensor, a: int, e: int, seq_len: int,
-                   causal: bool) -> torch.Tensor:
-    """Absolute key blocks one kv head's packed keys hold for the query chunk ``[a, e)``: the
-    blocks it reads outside the chunk's own blocks (ascending), then the chunk's own blocks."""
-    B = pattern.block_size
-    lo, hi = a // B, (e - 1) // B
-    j = torch.arange(pattern.num_blocks(seq_len))
-    own = (j >= lo) & (j <= hi)
-    outside = needed_key_blocks(pattern, heads, lo, hi, seq_len) & ~own
-    if causal:
-        outside &= j < lo
-    return torch.cat([j[outside], j[own]])
-
-
-def _block_tokens(blocks: torch.Tensor, e: int, seq_len: int, B: int) -> torch.Tensor:
-    """Token positions of ``blocks`` in order; blocks up to the chunk's end stop at ``e``."""
-    tok = (blocks[:, None] * B + torch.arange(B)[None, :]).flatten()
-    blk = blocks.repeat_interleave(B)
-    return tok[(tok < seq_len) & ((blk > (e - 1) // B) | (tok < e))]
-
-
 def _check_chunking(pattern: BlockPattern, seq_len: int, world: int, causal: bool) -> None:
     c = seq_len // (2 * world)
     if not causal and c % pattern.block_size:
         raise ValueError(f"seq_len={seq_len} over {world} ranks gives chunks of {c} tokens: non-causal "
                          f"context parallelism needs chunks that are a multiple of block_size="
                          f"{pattern.block_size}, i.e. seq_len a multiple of {2 * world * pattern.block_size}")
-
-
-def _all_needs(pattern: BlockPattern, seq_len: int, world: int, heads: int, kv_heads: int, causal: bool):
-    """What every rank reads, the same on every rank (that is why no sizes are exchanged); memoised.
-
-    Returns ``(packed, reads)``: ``packed[r][c][g] = (blocks, tokens)`` of rank ``r``'s query chunk
-    ``c`` and kv head ``g`` (see :func:`_packed_blocks`); ``reads[r][g] = (pos, owner, local)``: every
-    token position rank ``r`` reads through kv head ``g`` (both chunks, ascending), the rank holding
-    it and its row there.
-    """
-
-    def build():
-        per_group = heads // kv_heads
-        packed, reads = [], []
-        for r in range(world):
-            per_chunk = []
-            for a, e in zigzag_ranges(seq_len, r, world):
-                per_head = []
-                for g in range(kv_heads):
-                    blocks = _packed_blocks(pattern, torch.arange(g * per_group, (g + 1) * per_group), a, e,
-                                            seq_len, causal)
-                    per_head.append((blocks, _block_tokens(blocks, e, seq_len, pattern.block_size)))
-                per_chunk.append(per_head)
-            packed.append(per_chunk)
-            per_head = []
-            for g in range(kv_heads):
-                read = torch.zeros(seq_len, dtype=torch.bool)
-                for c in range(2):
-                    read[per_chunk[c][g][1]] = True
-                pos = read.nonzero().squeeze(1)
-                per_head.append((pos, *_owner(pos, seq_len, world)))
-            reads.append(per_head)
-        return packed, reads
-
-    return memo(pattern, ("context_parallel_needs", seq_len, world, heads, kv_heads, causal), build)
 
 
 def _owner(pos: torch.Tensor, seq_len: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -296,53 +214,169 @@ def _owner(pos: torch.Tensor, seq_len: int, world: int) -> tuple[torch.Tensor, t
     return owner, local
 
 
+@dataclass
+class _Chunk:
+    """One query chunk ``[a, e)`` of a rank: its local rows, the map of its packed keys to absolute
+    blocks (:mod:`s2attn.remap`), and where its packed keys sit in the receive buffer, as runs."""
+
+    rows: slice
+    a: int
+    key_blocks: torch.Tensor  # int32 (kv_heads, packed blocks): absolute block of each packed key block, -1: padding
+    width: int  # packed keys of each kv head, padding included
+    runs: torch.Tensor  # int64 (runs, 4): kv head, first packed key, first receive row, length
+    on_device: dict = field(default_factory=dict)
+
+    def gather_index(self, pad_row: int) -> torch.Tensor:
+        """Int64 ``(kv_heads, width)``: the receive row of each packed key (``pad_row``, a zero row: padding)."""
+        g, packed, recv, length = self.runs.unbind(1)
+        index = torch.full((len(self.key_blocks), self.width), pad_row, dtype=torch.long)
+        index.view(-1)[_ranges(g * self.width + packed, length)] = _ranges(recv, length)
+        return index
+
+
+@dataclass
+class _Plan:
+    """What one rank sends and receives. ``send_runs`` (int64 ``(runs, 3)``: kv head, first local row,
+    length), in send order: per destination, per kv head, ascending; the receive buffer is in the same
+    order seen from the other side (per source, per kv head, ascending)."""
+
+    send_runs: torch.Tensor
+    send_splits: list[int]
+    recv_splits: list[int]
+    chunks: list[_Chunk]
+    kv_heads: int
+    on_device: dict = field(default_factory=dict)
+
+    def send_index(self) -> torch.Tensor:
+        """Int64: rows of the ``(local tokens * kv_heads)`` key/value rows, in send order."""
+        g, local, length = self.send_runs.unbind(1)
+        return _ranges(local, length) * self.kv_heads + g.repeat_interleave(length)
+
+
+def _ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The ranges ``[start, start + length)`` one after another (int64), without a Python loop."""
+    ends = lengths.cumsum(0)
+    return torch.arange(int(ends[-1]) if len(ends) else 0) + (starts - (ends - lengths)).repeat_interleave(lengths)
+
+
+def _runs(cols: list[torch.Tensor], starts: list[torch.Tensor], lengths: torch.Tensor) -> torch.Tensor:
+    """Int64 rows ``(*cols, *starts, length)``, consecutive rows merged into one run where every ``col`` is
+    equal and every ``start`` continues the previous row's range."""
+    if not len(lengths):
+        return torch.zeros(0, len(cols) + len(starts) + 1, dtype=torch.long)
+    cont = torch.ones(len(lengths) - 1, dtype=torch.bool)
+    for c in cols:
+        cont &= c[1:] == c[:-1]
+    for s in starts:
+        cont &= s[1:] == s[:-1] + lengths[:-1]
+    new = torch.cat([torch.ones(1, dtype=torch.bool), ~cont])
+    first = new.nonzero().squeeze(1)
+    total = torch.zeros(len(first), dtype=torch.long).index_add_(0, new.cumsum(0) - 1, lengths)
+    return torch.stack([c[first] for c in cols] + [s[first] for s in starts] + [total], 1)
+
+
+@dataclass
+class _Atoms:
+    """The sequence cut at every block and every zig-zag chunk boundary: each atom lies in one key block and
+    on one rank. ``O(blocks + world)`` of them; the plan is computed over atoms, never over tokens."""
+
+    start: torch.Tensor
+    length: torch.Tensor
+    block: torch.Tensor
+    owner: torch.Tensor
+    local: torch.Tensor  # first row in the owner's local (zig-zag) sequence
+
+    @staticmethod
+    def of(seq_len: int, world: int, block_size: int) -> "_Atoms":
+        c = seq_len // (2 * world)
+        cuts = torch.unique(torch.cat([torch.arange(0, seq_len, block_size), torch.arange(0, seq_len, c),
+                                       torch.tensor([seq_len])]))
+        start = cuts[:-1]
+        return _Atoms(start, cuts[1:] - start, start // block_size, *_owner(start, seq_len, world))
+
+
+def _chunk_reads(pattern: BlockPattern, atoms: _Atoms, a: int, e: int, seq_len: int, kv_heads: int, heads: int,
+                 causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query chunk ``[a, e)``: bool ``(kv_heads, blocks)`` of the key blocks outside its own blocks that each
+    kv head reads (before the chunk when causal), and bool ``(kv_heads, atoms)`` of the atoms it reads: its
+    blocks, cut at ``e`` (a causal chunk reads no key past its end; non-causal chunks are whole blocks)."""
+    B, per_group = pattern.block_size, heads // kv_heads
+    lo, hi = a // B, (e - 1) // B
+    j = torch.arange(pattern.num_blocks(seq_len))
+    keep = ((j < lo) | (j > hi)) & ((j < lo) if causal else True)
+    outside = torch.stack([needed_key_blocks(pattern, torch.arange(g * per_group, (g + 1) * per_group), lo, hi,
+                                             seq_len) & keep for g in range(kv_heads)])
+    own = (atoms.block >= lo) & (atoms.block <= hi)
+    reads = (outside[:, atoms.block] | own) & ((atoms.block > hi) | (atoms.start < e))
+    return outside, reads
+
+
 def _build_plan(pattern: BlockPattern, seq_len: int, world: int, rank: int, heads: int, kv_heads: int,
                 causal: bool) -> _Plan:
-    packed, reads = _all_needs(pattern, seq_len, world, heads, kv_heads, causal)
-    # sends: for each destination, for each kv head, the rows it reads that this rank holds
-    send_index, send_splits = [], []
+    """The exchange and the packed layouts of ``rank``, in ``O(world * kv_heads * blocks)`` vectorised steps.
+
+    Every rank derives the same reads of every query chunk (that is why no sizes are exchanged), but keeps
+    only its own sends and receives, as runs of rows, and its two chunks' maps."""
+    atoms = _Atoms.of(seq_len, world, pattern.block_size)
+    n_atoms = len(atoms.start)
+    chunks = [(r, a, e) for r in range(world) for a, e in zigzag_ranges(seq_len, r, world)]
+    reads_of = [torch.zeros(kv_heads, n_atoms, dtype=torch.bool) for _ in range(world)]
+    mine = []
+    for reader, a, e in chunks:
+        outside, reads = _chunk_reads(pattern, atoms, a, e, seq_len, kv_heads, heads, causal)
+        reads_of[reader] |= reads
+        if reader == rank:
+            mine.append((a, e, outside, reads))
+    # sends: per destination, per kv head, the atoms it reads that this rank holds, ascending
+    send_runs, send_splits = [], []
     for p in range(world):
-        rows = [local[owner == rank] * kv_heads + g for g, (_, owner, local) in enumerate(reads[p])]
-        send_index += rows
-        send_splits.append(sum(len(x) for x in rows))
-    # receives: the same enumeration seen from this rank; key each row by (kv head, position)
-    recv_keys, recv_splits = [], []
-    for p in range(world):
-        part = [g * seq_len + pos[owner == p] for g, (pos, owner, _) in enumerate(reads[rank])]
-        recv_keys += part
-        recv_splits.append(sum(len(x) for x in part))
-    recv_keys = torch.cat(recv_keys)
-    order = torch.argsort(recv_keys)
-    sorted_keys = recv_keys[order]
-    pad_row = len(recv_keys)
-    chunks = []
-    for c, (a, e) in enumerate(zigzag_ranges(seq_len, rank, world)):
-        per_head = packed[rank][c]
-        width = max(len(tok) for _, tok in per_head)
-        index = torch.full((kv_heads, width), pad_row, dtype=torch.long)
-        col_blocks = torch.full((kv_heads, -(-width // pattern.block_size)), -1, dtype=torch.long)
-        for g, (blocks, tok) in enumerate(per_head):
-            index[g, width - len(tok):] = order[torch.searchsorted(sorted_keys, g * seq_len + tok)]
-            col_blocks[g, col_blocks.shape[1] - len(blocks):] = blocks
-        local = slice(c * (e - a), (c + 1) * (e - a))
-        chunks.append(_Chunk(local, index, col_blocks, a, e, heads, pattern))
-    return _Plan(torch.cat(send_index), send_splits, recv_splits, chunks)
+        g, i = (reads_of[p] & (atoms.owner == rank)).nonzero(as_tuple=True)
+        send_runs.append(_runs([g], [atoms.local[i]], atoms.length[i]))
+        send_splits.append(int(atoms.length[i].sum()))
+    # receives: the same order seen from here; the first receive row of each (kv head, atom) read
+    g, i = reads_of[rank].nonzero(as_tuple=True)
+    order = torch.argsort((atoms.owner[i] * kv_heads + g) * n_atoms + i)
+    g, i = g[order], i[order]
+    length = atoms.length[i]
+    recv_row = torch.full((kv_heads, n_atoms), -1, dtype=torch.long)
+    recv_row[g, i] = length.cumsum(0) - length
+    recv_splits = torch.zeros(world, dtype=torch.long).index_add_(0, atoms.owner[i], length).tolist()
+    return _Plan(torch.cat(send_runs), send_splits, recv_splits,
+                 [_packed_chunk(c, a, e, outside, reads, atoms, recv_row, pattern.block_size)
+                  for c, (a, e, outside, reads) in enumerate(mine)], kv_heads)
 
 
-def _packed_pattern(pattern: BlockPattern, col_blocks: torch.Tensor, a: int, e: int, heads: int) -> BlockPattern:
-    """A mask pattern over the packed keys of one query chunk: packed key block ``j'`` of kv head
-    ``g`` is absolute block ``col_blocks[g, j']`` (-1: padding); the chunk's query blocks are the
-    last ones. Rows of packed blocks that hold no query are empty."""
-    B = pattern.block_size
-    n = col_blocks.shape[1]
-    q_blocks = torch.arange(a // B, (e - 1) // B + 1)
-    m = len(q_blocks)
-    mask = torch.zeros(heads, n, n, dtype=torch.bool)
-    for h in range(heads):
-        cols = col_blocks[h // (heads // len(col_blocks))]
-        rows = pattern.allows(torch.tensor(h), q_blocks[:, None], cols.clamp(min=0)[None, :])
-        mask[h, n - m:] = rows & (cols >= 0)
-    return from_mask(mask, B, causal=pattern.causal, max_seq_len=n * B)
+def _packed_chunk(c: int, a: int, e: int, outside: torch.Tensor, reads: torch.Tensor, atoms: _Atoms,
+                  recv_row: torch.Tensor, B: int) -> _Chunk:
+    """Chunk ``c`` of a rank: each kv head's packed keys are its outside blocks ascending, then the chunk's own
+    blocks, right-aligned (padding first)."""
+    kv_heads = len(outside)
+    lo, hi = a // B, (e - 1) // B
+    m = hi - lo + 1
+    count = outside.sum(1)
+    n = int(count.max()) + m
+    key_blocks = torch.full((kv_heads, n), -1, dtype=torch.int32)
+    g, j = outside.nonzero(as_tuple=True)
+    within = torch.arange(len(g)) - (count.cumsum(0) - count)[g]
+    key_blocks[g, n - m - count[g] + within] = j.to(torch.int32)
+    key_blocks[:, n - m:] = torch.arange(lo, hi + 1, dtype=torch.int32)
+    # packed keys: outside atoms ascending, then own atoms ascending, per kv head
+    own = (atoms.block >= lo) & (atoms.block <= hi)
+    g_out, i_out = (reads & ~own).nonzero(as_tuple=True)
+    g_own, i_own = (reads & own).nonzero(as_tuple=True)
+    g, i = torch.cat([g_out, g_own]), torch.cat([i_out, i_own])
+    order = torch.argsort(g, stable=True)
+    g, i = g[order], i[order]
+    length = atoms.length[i]
+    tokens = torch.zeros(kv_heads, dtype=torch.long).index_add_(0, g, length)
+    width = int(tokens.max())  # the kv head with the most blocks has no padding
+    pad = width - tokens
+    if bool((pad % B != 0).any()) or -(-width // B) != n:  # every packed block but the last is whole
+        raise AssertionError(f"packed keys of chunk [{a}, {e}) are not block-aligned: padding {pad.tolist()}")
+    within = length.cumsum(0) - length - (tokens.cumsum(0) - tokens)[g]
+    runs = _runs([g], [pad[g] + within, recv_row[g, i]], length)
+    rows = slice(c * (e - a), (c + 1) * (e - a))
+    return _Chunk(rows, a, key_blocks, width, runs)
 
 
 def _plan_for(pattern: BlockPattern, seq_len: int, world: int, rank: int, heads: int, kv_heads: int,
@@ -357,11 +391,11 @@ def _plan_for(pattern: BlockPattern, seq_len: int, world: int, rank: int, heads:
     return memo(pattern, key, lambda: _build_plan(pattern, seq_len, world, rank, heads, kv_heads, causal))
 
 
-def _on(holder, device: torch.device, name: str) -> torch.Tensor:
-    """``holder.<name>`` on ``device``, copied there once."""
-    if device not in holder.on_device:
-        holder.on_device[device] = getattr(holder, name).to(device)
-    return holder.on_device[device]
+def _on(holder, device: torch.device, name: str, build) -> torch.Tensor:
+    """``build()`` on ``device``, built once per holder and device."""
+    if (name, device) not in holder.on_device:
+        holder.on_device[(name, device)] = build().to(device)
+    return holder.on_device[(name, device)]
 
 
 def context_parallel_attention(
@@ -405,15 +439,16 @@ def context_parallel_attention(
     plan = _plan_for(pattern, s_local * world, world, rank, heads, kv_heads, causal)
     # one row per (local token, kv head): keys and values of every batch entry side by side
     kv = torch.cat([k, v], -1).permute(1, 2, 0, 3).reshape(s_local * kv_heads, batch, -1)
-    sent = kv.index_select(0, _on(plan, q.device, "send_index"))
+    sent = kv.index_select(0, _on(plan, q.device, "send_index", plan.send_index))
     received = sent if world == 1 else _AllToAll.apply(sent, plan.send_splits, plan.recv_splits, group)
     table = torch.cat([received, received.new_zeros((1,) + tuple(received.shape[1:]))])
     outs, lses = [], []
     for chunk in plan.chunks:
-        packed = table[_on(chunk, q.device, "index")].permute(2, 1, 0, 3)  # (batch, K, kv_heads, dk + dv)
+        index = _on(chunk, q.device, "index", lambda: chunk.gather_index(len(received)))
+        packed = table[index].permute(2, 1, 0, 3)  # (batch, K, kv_heads, dk + dv)
         k_c, v_c = packed.split([k.shape[-1], v.shape[-1]], -1)
-        out, lse = sparse_attention(q[:, chunk.rows], k_c, v_c, chunk.pattern, softmax_scale=softmax_scale,
-                                    causal=causal, return_lse=True)
+        out, lse = remapped_attention(q[:, chunk.rows], k_c, v_c, pattern, chunk.key_blocks, chunk.a,
+                                      softmax_scale=softmax_scale, causal=causal, return_lse=True)
         outs.append(out)
         lses.append(lse)
     out = torch.cat(outs, 1)

@@ -10,12 +10,14 @@ import pytest
 import torch
 import torch.distributed as dist
 from _gloo import run_workers
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from s2attn import dense, from_mask, local_stride, sparse_attention
+from s2attn import dense, from_mask, local_stride, ops, patterns, remap, sparse_attention, tables
 from s2attn.integrations.distributed import (
-    context_parallel_attention, context_parallel_comm_bytes, head_parallel_attention, head_range, kv_head_range,
-    needed_key_blocks, shard_heads, zigzag_merge, zigzag_ranges, zigzag_split,
+    _plan_for, context_parallel_attention, context_parallel_comm_bytes, head_parallel_attention, head_range,
+    kv_head_range, needed_key_blocks, shard_heads, zigzag_merge, zigzag_ranges, zigzag_split,
 )
+from s2attn.patterns import BlockPattern
 
 TOL = 1e-10  # float64 throughout
 
@@ -212,3 +214,54 @@ def test_errors_name_the_problem():
         head_parallel_attention(q, q[:, :, :1], q[:, :, :1], local_stride(2, 4096, 16, 2, 3))
     with pytest.raises(ValueError, match="one to divide the other"):
         kv_head_range(12, 3, 0, 2)
+
+
+# ---------------------------------------------------------------------------- nothing quadratic
+class _LargestTensor(TorchDispatchMode):
+    """The most elements of any tensor an op returns while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for x in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(x, torch.Tensor):
+                self.numel = max(self.numel, x.numel())
+        return out
+
+
+def test_planning_is_linear_in_the_blocks():
+    """Every rank's plan, at 320 blocks on 4 ranks: no tensor past ``2 * kv_heads * (blocks + 2 * world)``
+    elements (a packed ``(heads, n, n)`` mask would have ``heads * n * n``)."""
+    heads, kv_heads, world, seq = 8, 4, 4, 16 * 320
+    pattern = local_stride(heads, seq, 16, 3, 4, num_kv_heads=kv_heads)
+    with _LargestTensor() as largest:
+        for rank in range(world):
+            _plan_for(pattern, seq, world, rank, heads, kv_heads, True)
+    assert 0 < largest.numel <= 2 * kv_heads * (320 + 2 * world)
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("context parallelism built a (heads, n, n) mask or its index tables")
+
+
+def _no_mask_worker(rank: int, world: int) -> None:
+    """Planning and attention (forward and backward) of a rule pattern with the mask and table builders
+    made to fail; the single-process reference runs before they are."""
+    pattern = local_stride(4, 4096, 16, 2, 3, num_kv_heads=2)
+    full, dout, out_ref, _, grads_ref = _full_case(17, 1, 2 * world * 25, 4, 2, 8, pattern)
+    for owner, name in [(patterns, "from_mask"), (remap, "from_mask"), (BlockPattern, "block_mask"),
+                        (BlockPattern, "to_token_mask"), (tables, "block_tables"), (ops, "block_tables")]:
+        setattr(owner, name, _refuse)  # a forked worker: the test process keeps the originals
+    local = [zigzag_split(x, rank, world).requires_grad_() for x in full]
+    out = context_parallel_attention(*local, pattern)
+    (out * zigzag_split(dout, rank, world)).sum().backward()
+    assert _rel(out, zigzag_split(out_ref, rank, world)) < TOL
+    for x, g in zip(local, grads_ref):
+        assert _rel(x.grad, zigzag_split(g, rank, world)) < TOL
+
+
+def test_context_parallel_builds_no_mask_and_no_tables():
+    run_workers(_no_mask_worker, 2)
