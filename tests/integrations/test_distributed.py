@@ -12,7 +12,7 @@ import torch.distributed as dist
 from _gloo import run_workers
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from s2attn import dense, from_mask, local_stride, ops, patterns, remap, sparse_attention, tables
+from s2attn import dense, from_mask, local_stride, lowering, patterns, remap, sparse_attention
 from s2attn.integrations.distributed import (
     _plan_for, context_parallel_attention, context_parallel_comm_bytes, head_parallel_attention, head_range,
     kv_head_range, needed_key_blocks, shard_heads, zigzag_merge, zigzag_ranges, zigzag_split,
@@ -253,7 +253,7 @@ def _no_mask_worker(rank: int, world: int) -> None:
     pattern = local_stride(4, 4096, 16, 2, 3, num_kv_heads=2)
     full, dout, out_ref, _, grads_ref = _full_case(17, 1, 2 * world * 25, 4, 2, 8, pattern)
     for owner, name in [(patterns, "from_mask"), (remap, "from_mask"), (BlockPattern, "block_mask"),
-                        (BlockPattern, "to_token_mask"), (tables, "block_tables"), (ops, "block_tables")]:
+                        (BlockPattern, "to_token_mask"), (lowering, "block_tables")]:
         setattr(owner, name, _refuse)  # a forked worker: the test process keeps the originals
     local = [zigzag_split(x, rank, world).requires_grad_() for x in full]
     out = context_parallel_attention(*local, pattern)
