@@ -33,6 +33,7 @@ except ImportError:  # no Gluon: no Gluon kernel is launched either
     GluonASTSource = None
 
 from s2attn import ops
+from s2attn.kernels.decode import decode_attention
 from s2attn.kernels.plan import interpreting, plan_overrides
 from s2attn.patterns import from_mask, local_stride
 
@@ -108,6 +109,21 @@ def _packed(lens, heads, dim, dtype, pattern):
     return call
 
 
+def _decode(block, head_dim, dtype, group=4, kv_heads=2, batch=3):
+    """One decode step over a paged cache of ``block``-token pages (closed-form rule)."""
+
+    def call():
+        q = torch.randn(batch, kv_heads * group, head_dim, dtype=dtype)
+        k, v = (torch.randn(8, block, head_dim, dtype=dtype) for _ in range(2))
+        table = torch.zeros(batch, kv_heads, 4, dtype=torch.int32)
+        first, dense = (torch.zeros(kv_heads, dtype=torch.int32) for _ in range(2))
+        decode_attention(q, k, v, table, torch.full((batch,), 3 * block, dtype=torch.int32),
+                         torch.arange(batch, dtype=torch.int32), torch.empty_like(q), torch.empty(batch, q.shape[1]),
+                         softmax_scale=head_dim**-0.5, rule=(first, dense, 2, 3), block_mask=None, force_kernel=True)
+
+    return call
+
+
 def configurations(quick: bool):
     s = 1024
     yield "default (bf16, d128, block 64)", _attention((1, s, 4, 4, 128), torch.bfloat16, local_stride(4, s, 64, 8, 16))
@@ -121,6 +137,11 @@ def configurations(quick: bool):
     yield "bidirectional, dense heads", _attention(
         (1, s, 4, 2, 128), torch.bfloat16, local_stride(4, s, 64, 2, 4, num_kv_heads=2, num_dense_heads=1,
                                                         causal=False))
+    # decode: the serving default, and the largest pages (read in pieces that fit shared memory)
+    yield "decode bf16, d128, page 64", _decode(64, 128, torch.bfloat16)
+    for block, head_dim in ((128, 256), (256, 128), (256, 256)):
+        for dtype in (torch.bfloat16, torch.float32):
+            yield f"decode {str(dtype)[6:]}, d{head_dim}, page {block}", _decode(block, head_dim, dtype)
     if quick:
         return
     yield "fp16, d64, block 128", _attention((1, s, 2, 2, 64), torch.float16, local_stride(2, s, 128, 2, 4))

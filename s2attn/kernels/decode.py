@@ -31,6 +31,34 @@ from .rule import LOG2E
 
 
 @triton.jit
+def _attend_piece(q, K, V, kpos, n, present, row_ok, rows, offs_d, d_ok, stride_kn, scale_log2, m_i, l_i, acc,
+                  RULE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over the keys at positions ``kpos``, rows ``rows`` of one page (``K`` / ``V`` at the page).
+    Absent pages are never read (masked loads issue no memory traffic); the token mask is causality inside
+    the query's own block."""
+    n_ok = (kpos < n) & present
+    kv_off = rows[:, None] * stride_kn + offs_d[None, :]
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+    v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+    allowed = n_ok[None, :]
+    if not RULE:  # the mask rows of the group's query heads
+        allowed = allowed & row_ok[:, None]
+    s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _decode_split_kernel(
     Q, K, V, PAGE_TABLE, SEQ_LENS, SLOTS, FIRST, DENSE, BLOCK_MASK, OUT, LSE,
     stride_qb, stride_qh,
@@ -86,33 +114,20 @@ def _decode_split_kernel(
         else:
             j = it
         page = tl.load(table + j)
+        row_ok = m_ok  # unused by RULE
         if not RULE:
             row_ok = tl.load(BLOCK_MASK + head * stride_mh + qb.to(tl.int64) * stride_mq + j, mask=m_ok, other=0) != 0
-        for sub in tl.static_range(BLOCK // SUB):  # a page in pieces of SUB tokens that fit shared memory
-            kpos = j * BLOCK + sub * SUB + offs_n
-            # absent pages are never read (masked loads issue no memory traffic); the token mask is
-            # causality inside the query's own block
-            n_ok = (kpos < n) & (page >= 0)
-            kv_off = (tl.maximum(page, 0).to(tl.int64) * stride_kp + kvh * stride_kh
-                      + (sub * SUB + offs_n)[:, None] * stride_kn + offs_d[None, :])
-            kv_mask = n_ok[:, None] & d_ok[None, :]
-            k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-            v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-            allowed = n_ok[None, :]
-            if not RULE:
-                allowed = allowed & row_ok[:, None]
-            s = tl.where(allowed, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+        page_off = tl.maximum(page, 0).to(tl.int64) * stride_kp + kvh * stride_kh
+        if SUB == BLOCK:
+            m_i, l_i, acc = _attend_piece(q, K + page_off, V + page_off, j * BLOCK + offs_n, n, page >= 0, row_ok,
+                                          offs_n, offs_d, d_ok, stride_kn, scale_log2, m_i, l_i, acc,
+                                          RULE, UPCAST, PRECISION)
+        else:  # a page in pieces that fit shared memory; a loop, not unrolled: unrolled, every piece's tiles are live
+            for sub in range(0, BLOCK // SUB):
+                rows = sub * SUB + offs_n
+                m_i, l_i, acc = _attend_piece(q, K + page_off, V + page_off, j * BLOCK + rows, n, page >= 0, row_ok,
+                                              rows, offs_d, d_ok, stride_kn, scale_log2, m_i, l_i, acc,
+                                              RULE, UPCAST, PRECISION)
 
     nonempty = l_i > 0
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
@@ -161,8 +176,9 @@ def _padded(head_dim: int) -> int:
 
 
 def _page_piece(block: int, head_dim: int, itemsize: int) -> int:
-    """Tokens of a page the kernel reads at once: the whole page unless its K and V tiles pass 128 KiB
-    (fp32 with 256-dim heads and 128-token pages needed 280 KiB of shared memory, the H100 has 227)."""
+    """Tokens of a page the kernel reads at once: the whole page while its K tile is at most 64 KiB. Compiled for
+    sm_90, fp32 pages of 128 x 256 took 276 KiB of shared memory (an H100 has 227); pieces of 64 KiB take at most
+    148 KiB (``benchmarks/compile_sm90.py`` compiles the largest pages of each dtype)."""
     return min(block, max(16, (64 << 10) // (head_dim * itemsize)))
 
 
@@ -181,6 +197,7 @@ def decode_attention(
     block_mask: torch.Tensor | None,
     partial_out: torch.Tensor | None = None,
     partial_lse: torch.Tensor | None = None,
+    force_kernel: bool = False,
 ) -> None:
     """Decode attention for one query token per batch row, into preallocated ``out`` / ``lse``.
 
@@ -196,9 +213,10 @@ def decode_attention(
     closed-form enumeration (``first``: the smallest key block on the head's vertical stride);
     otherwise ``block_mask`` int8 ``(heads or 1, max_blocks, max_blocks)`` gives each head's rows.
     Split-KV when ``partial_out (batch, heads, splits, d)`` / ``partial_lse (batch, heads, splits)``
-    (fp32) are given, with ``splits > 1``. Launches only: no allocation, no host sync.
+    (fp32) are given, with ``splits > 1``. Launches only: no allocation, no host sync. ``force_kernel``:
+    launch on any device (``benchmarks/compile_sm90.py`` intercepts the launch and compiles it).
     """
-    if not (q.is_cuda or interpreting()):
+    if not (force_kernel or q.is_cuda or interpreting()):
         raise ValueError(f"decode_attention runs a Triton kernel: q and the cache must be on a CUDA device "
                          f"(or set TRITON_INTERPRET=1 for the slow CPU interpreter), got {q.device}")
     batch, heads, head_dim = q.shape
@@ -238,8 +256,7 @@ def decode_attention(
         dst_out.stride(0), dst_out.stride(1), stride_os,
         dst_lse.stride(0), dst_lse.stride(1),
         softmax_scale * LOG2E, head_dim, local_blocks, vert_stride,
-        BLOCK=block, SUB=_page_piece(block, _padded(head_dim), k_pages.element_size()), HEAD_DIM=_padded(head_dim),
-        GROUP=group,
+        BLOCK=block, SUB=_page_piece(block, _padded(head_dim), k_pages.element_size()), HEAD_DIM=_padded(head_dim), GROUP=group,
         M=max(16, triton.next_power_of_2(group)), RULE=rule is not None, NUM_SPLITS=splits,
         UPCAST=upcast, PRECISION=precision, num_warps=4, num_stages=2,
     )

@@ -74,8 +74,9 @@ def test_serving_on_the_cpu_takes_the_reference(patterns, monkeypatch):
 
 
 def test_decode_reads_a_large_page_in_pieces():
-    """fp32 with 256-dim heads and 128-token pages: K and V of a whole page (256 KiB) pass the H100's
-    shared memory (227 KiB; the GPU fuzz's case 16), so the kernel reads each page in two pieces."""
+    """fp32 with 256-dim heads and 128-token pages: a whole page took 276 KiB of shared memory, past the H100's
+    227 (the GPU fuzz's case 16), so the kernel reads each page in two pieces (``test_compile_sm90`` compiles
+    it for sm_90 and checks the shared memory)."""
     block = 128
     assert decode_kernels._page_piece(block, 256, 4) == 64
     pattern = s2attn.local_stride(4, 512, block, 1, 2, num_kv_heads=2)
@@ -85,15 +86,6 @@ def test_decode_reads_a_large_page_in_pieces():
     for _ in range(2):
         drv.step([a, b], 1)
     assert max(drv.errors) <= TOL[torch.float32]
-
-
-@pytest.mark.parametrize("itemsize", [2, 4])
-def test_page_pieces_fit_shared_memory(itemsize):
-    """Every page size and head dim the kernels take: K + V of one piece within 128 KiB, whole pieces."""
-    for block in (16, 32, 64, 128, 256):
-        for head_dim in (16, 32, 64, 128, 256):
-            piece = decode_kernels._page_piece(block, head_dim, itemsize)
-            assert block % piece == 0 and 2 * piece * head_dim * itemsize <= 128 << 10, (block, head_dim)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

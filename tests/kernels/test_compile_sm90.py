@@ -21,3 +21,4 @@ def test_kernels_compile_for_sm90():
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
     assert run.stdout.count("| _attn_") >= 15, run.stdout  # every kernel of every configuration compiled
+    assert run.stdout.count("| _decode_split_kernel |") == 7, run.stdout  # largest pages within shared memory
