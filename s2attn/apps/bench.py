@@ -7,7 +7,12 @@ retained graph). Providers, all in the same run:
 * ``s2attn``: our kernels on the local-stride pattern;
 * ``sdpa-flash`` / ``sdpa-cudnn``: dense causal attention through PyTorch SDPA backends;
 * ``flex-same``: FlexAttention on the identical pattern (it tiles by 128: partial tiles masked);
-* ``flex-128``: FlexAttention on the same rule built with 128-token blocks (its best case).
+* ``flex-128``: FlexAttention on the same rule built with 128-token blocks (its best case);
+* ``flex-fa4-128`` / ``flex-fa4-same``: the same two on FlexAttention's FlashAttention-4 backend
+  (``kernel_options={"BACKEND": "FLASH"}``; needs ``flash-attn-4``: ``scripts/fa4_wheels.sh``);
+* ``fa4``: dense causal FlashAttention-4 (``flash_attn.cute.flash_attn_func``).
+
+A provider that cannot run here (a package missing) is a row with the one-line reason, not an error.
 
 Effective TFLOP/s counts the FLOPs of the blocks each provider must compute for *its* pattern
 (dense causal for SDPA): 4·d per allowed (query, key) pair forward, 2.5× that backward.
@@ -15,6 +20,7 @@ Effective TFLOP/s counts the FLOPs of the blocks each provider must compute for 
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -91,9 +97,40 @@ def _sdpa(backend):
     return run
 
 
+def _flex(block_mask, backend: str | None):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    options = {"BACKEND": backend} if backend else None
+    return lambda q, k, v: flex(q, k, v, block_mask=block_mask, kernel_options=options)
+
+
+def _fa4(q, k, v):
+    from flash_attn.cute import flash_attn_func
+
+    out = flash_attn_func(q, k, v, causal=True)
+    return out[0] if isinstance(out, tuple) else out
+
+
+PROVIDERS = ("s2attn", "sdpa-flash", "sdpa-cudnn", "flex-128", "flex-same", "flex-fa4-128", "flex-fa4-same", "fa4")
+DEFAULT_PROVIDERS = "s2attn,sdpa-flash,sdpa-cudnn,flex-128,flex-same"
+
+
+class Unavailable(Exception):
+    """A provider that cannot run on this machine (its row says why)."""
+
+
+def _available(name: str) -> None:
+    import importlib.util
+
+    if name == "fa4" or name.startswith("flex-fa4"):
+        if importlib.util.find_spec("flash_attn") is None or importlib.util.find_spec("flash_attn.cute") is None:
+            raise Unavailable("flash_attn.cute (flash-attn-4) is not installed: scripts/fa4_wheels.sh")
+
+
 def run(seqlens, heads=32, head_dim=128, local=512, stride=16, block=64, providers=None, out=None,
         progress=print) -> list[Row]:
-    providers = providers or ["s2attn", "sdpa-flash", "sdpa-cudnn", "flex-128", "flex-same"]
+    providers = providers or DEFAULT_PROVIDERS.split(",")
     from torch.nn.attention import SDPBackend
 
     from ..api import sparse_attention
@@ -110,6 +147,7 @@ def run(seqlens, heads=32, head_dim=128, local=512, stride=16, block=64, provide
         for name in providers:
             t0 = time.time()
             try:
+                _available(name)
                 if name == "s2attn":
                     fwd, bwd = _measure(lambda a, b, c: sparse_attention(a, b, c, pat), q, k, v)
                     used = pat
@@ -117,17 +155,19 @@ def run(seqlens, heads=32, head_dim=128, local=512, stride=16, block=64, provide
                     backend = SDPBackend.FLASH_ATTENTION if name == "sdpa-flash" else SDPBackend.CUDNN_ATTENTION
                     fwd, bwd = _measure(_sdpa(backend), qh, kh, vh)
                     used = None
-                else:
-                    from torch.nn.attention.flex_attention import flex_attention
-
-                    used = pat128 if name == "flex-128" else pat
-                    bm = used.to_flex_block_mask(seqlen, dev)
-                    flex = torch.compile(flex_attention, dynamic=False)
-                    fwd, bwd = _measure(lambda a, b, c: flex(a, b, c, block_mask=bm), qh, kh, vh)
+                elif name == "fa4":
+                    fwd, bwd = _measure(_fa4, q, k, v)
+                    used = None
+                else:  # flex-128, flex-same, flex-fa4-128, flex-fa4-same
+                    used = pat128 if name.endswith("-128") else pat
+                    backend = "FLASH" if name.startswith("flex-fa4") else None
+                    fwd, bwd = _measure(_flex(used.to_flex_block_mask(seqlen, dev), backend), qh, kh, vh)
                 pairs = _pairs(used, seqlen, heads)
                 dens = pairs / (heads * seqlen * (seqlen + 1) / 2)
                 flops = pairs * FWD_FLOPS_PER_PAIR * head_dim
                 row = Row(seqlen, name, fwd, bwd, flops / fwd / 1e9, BWD_FACTOR * flops / bwd / 1e9, dens)
+            except Unavailable as e:
+                row = Row(seqlen, name, math.nan, math.nan, math.nan, math.nan, math.nan, f"skipped: {e}")
             except Exception as e:  # a peer failing (OOM, compile) is a result too
                 row = Row(seqlen, name, math.nan, math.nan, math.nan, math.nan, math.nan, f"failed: {e!r}"[:200])
             torch.cuda.empty_cache()
@@ -185,12 +225,21 @@ def plot(rows: list[Row], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def providers(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [x for x in names if x not in PROVIDERS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown provider(s) {', '.join(unknown) or '(none given)'}: "
+                                         f"expected some of {', '.join(PROVIDERS)}")
+    return names
+
+
 def build_parser() -> Parser:
     p = Parser(prog="s2attn bench", description=__doc__)
     p.add_argument("--seqlens", type=int_list, default="8192,32768,131072", metavar="TOKENS,...",
                    help="comma-separated sequence lengths")
-    p.add_argument("--providers", default="s2attn,sdpa-flash,sdpa-cudnn,flex-128,flex-same",
-                   help="comma-separated providers (see above)")
+    p.add_argument("--providers", type=providers, default=DEFAULT_PROVIDERS,
+                   help=f"comma-separated providers (see above), of {', '.join(PROVIDERS)}")
     p.add_argument("--heads", type=positive_int, default=32, help="query heads (= kv heads)")
     p.add_argument("--head-dim", type=positive_int, default=128, help="head dimension")
     add_pattern_options(p, local=512, stride=16, dense_kv_heads=False)
@@ -206,9 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         print("s2attn bench: error: needs a CUDA GPU (the CPU runs the reference only)", file=sys.stderr)
         return 2
     seqlens = [8192, 32768] if a.quick else a.seqlens
-    providers = ["s2attn", "sdpa-flash", "sdpa-cudnn"] if a.quick else a.providers.split(",")
+    chosen = ["s2attn", "sdpa-flash", "sdpa-cudnn"] if a.quick else a.providers
     output_dir(a.out, "--out")
-    rows = run(seqlens, a.heads, a.head_dim, a.local, a.stride, a.block_size, providers,
+    rows = run(seqlens, a.heads, a.head_dim, a.local, a.stride, a.block_size, chosen,
                os.path.join(a.out, "results.json"))
     md = table(rows)
     env = environment()
