@@ -33,6 +33,7 @@ from ..api import sparse_attention
 from ..lowering import memo
 from ..patterns import BlockPattern
 from ..remap import remapped_attention
+from ..validation import check_layout
 
 Output = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -47,9 +48,7 @@ def _rank_world(group: dist.ProcessGroup | None) -> tuple[int, int]:
 
 
 def _to_bshd(layout: str, *xs: torch.Tensor) -> list[torch.Tensor]:
-    if layout not in ("bshd", "bhsd"):
-        raise ValueError(f"layout={layout!r}: expected 'bshd' or 'bhsd'")
-    return [x.transpose(1, 2) if layout == "bhsd" else x for x in xs]
+    return [x.transpose(1, 2) if check_layout(layout) == "bhsd" else x for x in xs]
 
 
 # ---------------------------------------------------------------------------- head parallelism
