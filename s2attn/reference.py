@@ -161,7 +161,7 @@ def reference_attention_remapped(
     key a query reads. ``lse`` is ``(batch, heads, seqlen_q)``.
     """
     causal = pattern.causal if causal is None else causal
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    scale = resolve_scale(softmax_scale, q.shape[-1])
     ct = compute_dtype(q.dtype)
     out, lse = attend_remapped(*(x.transpose(1, 2).to(ct) for x in (q, k, v)), pattern, key_blocks, query_start,
                                scale, causal)
