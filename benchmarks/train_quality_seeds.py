@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import importlib
 import json
 import math
 import re
@@ -28,8 +27,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-from s2attn.apps.cli import FEATURE_COMMANDS  # noqa: E402  (the train / needle modules, wherever they live)
 
 RUN_NAME = re.compile(r"(?P<variant>[a-z]+)-s(?P<seed>\d+)")
 ALPHA = 0.05  # significance level of the statements
@@ -330,7 +327,7 @@ def plot_losses(runs: list[Run], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    ema = importlib.import_module(FEATURE_COMMANDS["train"][0])._ema
+    from s2attn.apps.train import _ema as ema
     curves: dict[str, list[list[dict]]] = {}
     for r in runs:
         if r.log:
@@ -363,8 +360,9 @@ def plot_losses(runs: list[Run], path: Path) -> Path | None:
 
 def plot_needle(runs: list[Run], path: Path) -> Path | None:
     """One heatmap per variant, the mean over its seeds (runs with another grid than the first are left out)."""
-    needle = importlib.import_module(FEATURE_COMMANDS["needle"][0])
     import torch
+
+    from s2attn.apps import needle
 
     cells = next((r.needle for r in runs if r.needle), None)
     if cells is None:
