@@ -12,6 +12,11 @@ the ``TABLE`` constexpr:
   (pattern head, key block) the query tiles that touch it (``cols``), each entry with a
   bit mask saying which of the tile's query blocks are allowed (Merge-Q).
 
+With ``REMAP`` (rule only) the keys are packed (``s2attn.remap``): ``KEY_MAP`` maps each kv head's packed key
+blocks to absolute ones, absolute query block = packed + ``q_shift``, and the packed blocks from ``own_first``
+on are the queries' own (absolute = packed + ``q_shift``); the rule applies to absolute blocks. Without it
+(``REMAP=False``) those parameters are never read, and the kernels compile as before.
+
 Positions are absolute: query row ``i`` of a sequence sits at ``seqlen_k - seqlen_q + i``,
 and query tiles are aligned to absolute positions so a tile never straddles a pattern block
 boundary unevenly. Every sequence (batched or varlen) is located through ``cu_seqlens``.

@@ -309,6 +309,8 @@ def make_plan(call: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, b
                 why = ", ".join(x for x in (why, f"Triton: block {block}" if block < 64 else
                                             f"Triton: {max_k} keys <= {o.ws_dq_from}" if max_k <= o.ws_dq_from
                                             else "Triton: overridden") if x)
+            if remap:
+                why = ", ".join(x for x in (why, "remap: Triton, no Gluon kernels") if x)
             dq = KernelLaunch("_attn_bwd_dq", t, tma, why=why)
         t = pick("dkdv")
         long = None
