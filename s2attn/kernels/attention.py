@@ -296,7 +296,8 @@ def _attn_fwd(
         q, q, 0.0, 0.0, K + b * stride_kb + k_start * stride_ks + kvh * stride_kh,
         V + b * stride_vb + k_start * stride_vs + kvh * stride_vh, stride_ks, stride_vs,
         K_DESC, V_DESC, 0 if VARLEN else b, k_start, kvh, q_pos, len_k, qk_scale, h, tile, n_tiles, tab_ptr, tab_kb,
-        tab_bits, KEY_MAP + kvh * stride_map, q_shift, own_first, local=local, stride=stride, step=step, offset=offset, heads_per_group=heads_per_group,
+        tab_bits, KEY_MAP + kvh * stride_map, q_shift, own_first, local=local, stride=stride, step=step,
+        offset=offset, heads_per_group=heads_per_group,
         head_base=head_base, sparse_groups=sparse_groups, homogeneous=homogeneous, pattern_heads=pattern_heads,
         BLOCK=BLOCK, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CAUSAL=CAUSAL, TABLE=TABLE,
         UPCAST=UPCAST, BACKWARD=False, PAIRS=PAIRS, TMA=TMA, REMAP=REMAP)
@@ -344,7 +345,8 @@ def _attn_bwd_dq(
         q, do, lse2, delta, K + b * stride_kb + k_start * stride_ks + kvh * stride_kh,
         V + b * stride_vb + k_start * stride_vs + kvh * stride_vh, stride_ks, stride_vs,
         K_DESC, V_DESC, 0 if VARLEN else b, k_start, kvh, q_pos, len_k, qk_scale, h, tile, n_tiles, tab_ptr, tab_kb,
-        tab_bits, KEY_MAP + kvh * stride_map, q_shift, own_first, local=local, stride=stride, step=step, offset=offset, heads_per_group=heads_per_group,
+        tab_bits, KEY_MAP + kvh * stride_map, q_shift, own_first, local=local, stride=stride, step=step,
+        offset=offset, heads_per_group=heads_per_group,
         head_base=head_base, sparse_groups=sparse_groups, homogeneous=homogeneous, pattern_heads=pattern_heads,
         BLOCK=BLOCK, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CAUSAL=CAUSAL, TABLE=TABLE,
         UPCAST=UPCAST, BACKWARD=True, PAIRS=PAIRS, TMA=TMA, REMAP=REMAP)

@@ -141,8 +141,11 @@ class Remap(NamedTuple):
 
 def _remap_args(remap: Optional[Remap], device, own_first: bool = True) -> dict:
     """The kernels' ``KEY_MAP, stride_map, q_shift, own_first`` by name (placeholders without a remap)."""
-    args = dict(KEY_MAP=_placeholder(device), stride_map=0, q_shift=0, own_first=0) if remap is None else \
-        dict(KEY_MAP=remap.key_map, stride_map=remap.key_map.stride(0), q_shift=remap.q_shift, own_first=remap.own_first)
+    if remap is None:
+        args = dict(KEY_MAP=_placeholder(device), stride_map=0, q_shift=0, own_first=0)
+    else:
+        args = dict(KEY_MAP=remap.key_map, stride_map=remap.key_map.stride(0), q_shift=remap.q_shift,
+                    own_first=remap.own_first)
     if not own_first:
         del args["own_first"]
     return args

@@ -284,7 +284,8 @@ def make_plan(call: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, b
     :func:`plan_overrides` and calls its ``observe``."""
     o = _active[-1]
     head_dim, itemsize = q.shape[-1], q.element_size()
-    what = (f"{call}, {'mask tables' if table else 'remapped rule' if remap else 'rule'}, block {block}, {str(q.dtype).replace('torch.', '')}, "
+    form = "mask tables" if table else "remapped rule" if remap else "rule"
+    what = (f"{call}, {form}, block {block}, {str(q.dtype).replace('torch.', '')}, "
             f"head dim {head_dim}, {max_q} queries, {max_k} keys{', packed' if varlen else ''}")
 
     def pick(kernel: str, seqlen: int = 0) -> Tiles:
