@@ -109,6 +109,25 @@ def _packed(lens, heads, dim, dtype, pattern):
     return call
 
 
+def _remapped(heads, kv_heads, dtype, pattern, own=4, outside=(0, 3, 6, 9, 10, 11)):
+    """Forward + backward on packed keys through a key block map (``s2attn.remap``): a chunk's ``own`` blocks
+    after the ``outside`` ones it reads, the kernels' remapped rule path."""
+    B = pattern.block_size
+
+    def call():
+        first = outside[-1] + 1
+        row = list(outside) + list(range(first, first + own))
+        key_map = torch.tensor([row] * kv_heads, dtype=torch.int32)
+        n, d = len(row), 128
+        q = torch.randn(1, own * B, heads, d, dtype=dtype, requires_grad=True)
+        k, v = (torch.randn(1, n * B, kv_heads, d, dtype=dtype, requires_grad=True) for _ in range(2))
+        out, _ = ops.remapped_attention(q, k, v, pattern, key_map, first - len(outside), len(outside),
+                                        softmax_scale=d**-0.5, causal=pattern.causal)
+        out.backward(torch.randn_like(out))
+
+    return call
+
+
 def _decode(block, head_dim, dtype, group=4, kv_heads=2, batch=3):
     """One decode step over a paged cache of ``block``-token pages (closed-form rule)."""
 
@@ -137,6 +156,10 @@ def configurations(quick: bool):
     yield "bidirectional, dense heads", _attention(
         (1, s, 4, 2, 128), torch.bfloat16, local_stride(4, s, 64, 2, 4, num_kv_heads=2, num_dense_heads=1,
                                                         causal=False))
+    yield "remapped keys (context parallel chunk), block 64", _remapped(4, 4, torch.bfloat16,
+                                                                        local_stride(4, s, 64, 2, 3))
+    yield "remapped keys, block 16, GQA, bidirectional", _remapped(
+        4, 2, torch.bfloat16, local_stride(4, s, 16, 2, 3, num_kv_heads=2, causal=False))
     # decode: the serving default, and the largest pages (read in pieces that fit shared memory)
     yield "decode bf16, d128, page 64", _decode(64, 128, torch.bfloat16)
     for block, head_dim in ((128, 256), (256, 128), (256, 256)):

@@ -141,6 +141,47 @@ def _kernel_call(q, k, v, pattern, cu_q, cu_k, max_q, max_k, scale, causal, dete
     return out[..., :head_dim], lse
 
 
+class _RemappedAttention(torch.autograd.Function):
+    """The kernels on packed keys through their block map (``launch.Remap``; see ``s2attn.remap``): eager only."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, rule, block, scale, causal, has_dense, remap):
+        ctx.set_materialize_grads(False)  # an unused lse gets no gradient pass
+        out, lse = launch.forward(q, k, v, cu_q=None, cu_k=None, max_q=q.shape[1], max_k=k.shape[1], rule=rule,
+                                  rows=None, block=block, scale=scale, causal=causal, remap=remap)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.meta = (rule, block, scale, causal, has_dense, remap)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        rule, block, scale, causal, has_dense, remap = ctx.meta
+        dout = torch.zeros_like(out) if dout is None else _unit_stride(dout)
+        dlse = None if dlse is None else dlse.contiguous()
+        dq, dk, dv = launch.backward(dout, q, k, v, out, lse, dlse, cu_q=None, cu_k=None, max_q=q.shape[1],
+                                     max_k=k.shape[1], rule=rule, rows=None, cols=None, block=block, scale=scale,
+                                     causal=causal, has_dense=has_dense, deterministic=False, remap=remap)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def remapped_attention(q, k, v, pattern: BlockPattern, key_map: torch.Tensor, q_shift: int, own_first: int, *,
+                       softmax_scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of the kernels' remapped rule path (``bshd``, checked by ``s2attn.remap``): ``pattern`` a
+    local-stride rule with ``causal`` its own, ``key_map`` ``(kv_heads, n_packed)`` packed -> absolute key block,
+    ``q_shift`` and ``own_first`` as in ``launch.Remap``."""
+    q, k, v = (_unit_stride(x) for x in (q, k, v))
+    head_dim = q.shape[-1]
+    padded = max(16, 1 << (head_dim - 1).bit_length())
+    if padded != head_dim:  # as in _kernel_call
+        q, k, v = (torch.nn.functional.pad(x, (0, padded - head_dim)) for x in (q, k, v))
+    rule, rows, _, has_dense = lower(pattern, k.shape[1], q.device, causal)
+    assert rows is None, "remapped_attention: a local-stride rule with its own causality"
+    remap = launch.Remap(key_map.to(device=q.device, dtype=torch.int32).contiguous(), q_shift, own_first)
+    out, lse = _RemappedAttention.apply(q, k, v, rule, pattern.block_size, softmax_scale, causal, has_dense, remap)
+    return out[..., :head_dim], lse
+
+
 def attention(q, k, v, pattern: BlockPattern, *, softmax_scale: float, causal: bool, layout: str,
               return_lse: bool, deterministic: bool = False, force_kernel: bool = False):
     """Validated inputs in; kernel or reference out. Same results as ``reference_attention``. ``force_kernel``:

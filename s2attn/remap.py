@@ -17,15 +17,27 @@ query_start + i``. Host memory is the map, ``O(kv_heads * blocks)``: no mask, no
 The packed keys keep the query rows' blocks in step with the absolute ones: queries are end-aligned
 in the packed keys (as everywhere in s2attn), and ``query_start - (seqlen_k - seqlen_q)`` must be a
 multiple of ``block_size``, so a query tile of packed blocks is a tile of absolute blocks shifted
-by a constant. The Triton kernels take the map in a later change; until then
-:func:`remapped_attention` runs, on a GPU, the kernels' table path on a mask built from the map (their
-speed, the host cost of the mask), and elsewhere the PyTorch reference (no mask).
+by a constant.
+
+What runs where (:func:`remapped_attention`):
+
+* the Triton kernels (wherever ``s2attn.ops.use_kernel`` says they run: CUDA tensors, or the interpreter) take
+  the map itself, for a local-stride pattern called with its own causality and a map laid out as context
+  parallelism lays it out (:func:`remap_layout`): each kv head's row is padding (``-1``) first, then the
+  outside blocks, then the queries' own blocks, absolute-contiguous. The kernels run the rule's segments on
+  the own blocks and one masked segment through the map over the outside ones; no mask, no tables. (No long
+  dK/dV pass and no warp-specialised kernels there yet: see ``s2attn.kernels.plan``);
+* other calls on CUDA tensors (a mask pattern, ``causal`` other than the pattern's, another map layout) and
+  ``via_tables=True``: the kernels' table path on a ``(heads, n, n)`` mask built from the map (quadratic in the
+  packed blocks);
+* elsewhere the PyTorch reference (no mask).
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import ops
 from .api import sparse_attention
 from .patterns import BlockPattern, from_mask
 from .reference import reference_attention_remapped, resolve_scale
@@ -51,6 +63,31 @@ def check_remap(q: torch.Tensor, k: torch.Tensor, pattern: BlockPattern, key_blo
         raise ValueError(f"query_start={query_start}: expected a position >= 0 whose offset from the end-aligned "
                          f"packed position {seqlen_k - seqlen_q} is a multiple of block_size={B}")
     pattern.check_seq_len(query_start + seqlen_q, "query_start + seqlen_q")
+
+
+def remap_layout(key_blocks: torch.Tensor, query_start: int, seqlen_q: int, seqlen_k: int,
+                 block_size: int) -> tuple[int, int] | None:
+    """``(q_shift, own_first)`` of a checked call's map if the kernels can take it, else None. ``q_shift``: absolute
+    query block minus packed; ``own_first``: the first of the packed blocks that are absolute ``packed + q_shift``
+    in every kv head (a suffix holding every query's block). Before it, each row must be padding (``-1``) then
+    blocks outside the own absolute range. ``O(kv_heads * blocks)`` on the host (one copy of the map)."""
+    B = block_size
+    q_shift = (query_start - (seqlen_k - seqlen_q)) // B
+    rows = key_blocks.detach().to("cpu", torch.int64)
+    n = rows.shape[1]
+    same = (rows == torch.arange(n) + q_shift).all(0)
+    tail = int(torch.flip(same, (0,)).cumprod(0).sum())
+    own_first = n - tail
+    if seqlen_q == 0 or own_first > (seqlen_k - seqlen_q) // B:
+        return None
+    outside = rows[:, :own_first]
+    padding = outside < 0
+    if bool((padding[:, 1:] & ~padding[:, :-1]).any()):  # padding only first
+        return None
+    own_lo, own_hi = own_first + q_shift, n - 1 + q_shift
+    if bool((~padding & (outside >= own_lo) & (outside <= own_hi)).any()):
+        return None
+    return q_shift, own_first
 
 
 def remapped_mask_pattern(pattern: BlockPattern, key_blocks: torch.Tensor, query_start: int, seqlen_q: int,
@@ -98,21 +135,26 @@ def remapped_attention(
         query_start: absolute position of query 0; ``query_start - (seqlen_k - seqlen_q)`` a multiple of
             ``block_size``.
         softmax_scale, causal, return_lse: as in :func:`s2attn.sparse_attention`.
-        via_tables: build the packed ``(heads, n, n)`` mask and run the kernels' table path (quadratic
-            in the packed blocks). None: on CUDA tensors, until the kernels take ``key_blocks``, so that a
-            GPU keeps its kernels' speed; elsewhere the reference, which needs neither.
+        via_tables: True: build the packed ``(heads, n, n)`` mask and run the kernels' table path (quadratic in
+            the packed blocks), for comparison. None: the kernels on the map where they take it, else on CUDA
+            tensors the table path, elsewhere the reference (see the module). False: never the table path.
 
     Returns: ``out`` like ``q`` (and ``lse (batch, heads, seqlen_q)``).
     """
     check_remap(q, k, pattern, key_blocks, query_start)
     causal = pattern.causal if causal is None else causal
     scale = resolve_scale(softmax_scale, q.shape[-1])
+    if not via_tables and ops.use_kernel(q) and pattern.rule is not None and causal == pattern.causal:
+        layout = remap_layout(key_blocks, query_start, q.shape[1], k.shape[1], pattern.block_size)
+        if layout is not None:
+            out, lse = ops.remapped_attention(q, k, v, pattern, key_blocks, *layout, softmax_scale=scale,
+                                              causal=causal)
+            return (out, lse) if return_lse else out
     if via_tables or (via_tables is None and q.is_cuda):
         packed = remapped_mask_pattern(pattern, key_blocks.cpu(), query_start, q.shape[1], k.shape[1], q.shape[2])
         return sparse_attention(q, k, v, packed, softmax_scale=scale, causal=causal, return_lse=return_lse)
-    # the one place the kernels' remapped rule path will be dispatched from, once they take key_blocks
     return reference_attention_remapped(q, k, v, pattern, key_blocks, query_start, softmax_scale=scale,
                                         causal=causal, return_lse=return_lse)
 
 
-__all__ = ["check_remap", "remapped_attention", "remapped_mask_pattern"]
+__all__ = ["check_remap", "remap_layout", "remapped_attention", "remapped_mask_pattern"]

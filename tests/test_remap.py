@@ -5,14 +5,21 @@ own, for several worlds, or a random superset of the blocks the queries read, wi
 keys, and compares output, lse and the gradients of q, k, v (the packed gradients land back on the full
 keys through the gather) with the plain reference run on the full sequence with the output cotangent
 zero outside ``[a, e)``. Padding rows hold large random values, so a read of one shows.
+
+The kernels' remapped rule path (kernel dtypes: the Triton kernels, the interpreter here, take the map) is
+checked against the remapped reference and the table path, forward and gradients, on the same layouts, and
+builds no mask or table.
 """
 
 import pytest
 import torch
 
-from s2attn import dense, from_mask, local_stride, reference_attention
+from s2attn import dense, from_mask, local_stride, lowering, patterns, reference_attention
+from s2attn import remap as remap_module
 from s2attn.integrations.distributed import _plan_for, needed_key_blocks
-from s2attn.remap import remapped_attention
+from s2attn.kernels import plan as kernel_plan
+from s2attn.reference import reference_attention_remapped
+from s2attn.remap import remap_layout, remapped_attention
 
 TOL = 1e-10  # float64
 
@@ -136,3 +143,92 @@ def test_errors_name_the_argument():
         remapped_attention(q, k, k, pattern, blocks, 29)
     with pytest.raises(ValueError, match="seqlen_q=20 > seqlen_k=16"):
         remapped_attention(q, k[:, :16], k[:, :16], pattern, blocks[:, :1], 0)
+
+
+# --------------------------------------------------------------------------- the kernels' remapped rule path
+RULE_PATTERNS = [name for name in PATTERNS if PATTERNS[name][0].rule is not None]
+
+
+def _run(fn, q, k, v, dout):
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, lse = fn(*leaves)
+    (out * dout).sum().backward()
+    return [out, lse] + [x.grad for x in leaves]
+
+
+def _compare(pattern, heads, kv_heads, seq, chunk, seed, d=16, check_tables=True):
+    """Kernel remap vs the fp64 remapped reference (and vs the table path, fp32) on one chunk."""
+    g = torch.Generator().manual_seed(seed)
+    sq = chunk.rows.stop - chunk.rows.start
+    q = torch.randn(1, sq, heads, d, generator=g)
+    k, v = (torch.randn(1, chunk.width, kv_heads, d, generator=g) for _ in range(2))
+    dout = torch.randn(1, sq, heads, d, generator=g)
+    assert remap_layout(chunk.key_blocks, chunk.a, sq, chunk.width, pattern.block_size) is not None
+    seen = []
+    with kernel_plan.plan_overrides(observe=seen.append, poison=True):
+        got = _run(lambda *x: remapped_attention(*x, pattern, chunk.key_blocks, chunk.a, return_lse=True),
+                   q, k, v, dout)
+    assert any("remapped rule" in p.call for p in seen), seen
+    want = _run(lambda *x: reference_attention_remapped(*x, pattern, chunk.key_blocks, chunk.a, return_lse=True),
+                q.double(), k.double(), v.double(), dout.double())
+    for name, x, y in zip(["out", "lse", "dq", "dk", "dv"], got, want):
+        assert _rel(x.double(), y) < 2e-5, name
+    if check_tables:
+        tables = _run(lambda *x: remapped_attention(*x, pattern, chunk.key_blocks, chunk.a, return_lse=True,
+                                                    via_tables=True), q, k, v, dout)
+        for name, x, y in zip(["out", "lse", "dq", "dk", "dv"], got, tables):
+            assert _rel(x.double(), y.double()) < 2e-5, f"{name} vs tables"
+
+
+@pytest.mark.parametrize("name", RULE_PATTERNS)
+@pytest.mark.parametrize("world", [2, 3])
+def test_context_parallel_layouts(name, world):
+    """Every chunk of every rank (odd chunk lengths when causal): GQA, a dense group, homogeneous, dense,
+    bidirectional; block 16."""
+    pattern, heads, kv_heads = PATTERNS[name]
+    seq = 2 * world * (16 * 2 if not pattern.causal else 23)
+    for rank in range(world):
+        plan = _plan_for(pattern, seq, world, rank, heads, kv_heads, pattern.causal)
+        for chunk in plan.chunks:
+            _compare(pattern, heads, kv_heads, seq, chunk, seed=rank)
+
+
+@pytest.mark.parametrize("block", [16, 32, 64])
+@pytest.mark.parametrize("causal", [True, False])
+def test_block_sizes(block, causal):
+    """Blocks 16 / 32 / 64 (one key tile holding several blocks, one block per tile), GQA with a dense group."""
+    pattern = local_stride(4, 1 << 14, block, 2, 3, num_kv_heads=2, num_dense_heads=1, causal=causal)
+    world = 2
+    seq = 2 * world * (block * 3 if not causal else block * 3 - 5)
+    for rank in range(world):
+        plan = _plan_for(pattern, seq, world, rank, 4, 2, causal)
+        for chunk in plan.chunks:
+            _compare(pattern, 4, 2, seq, chunk, seed=rank, check_tables=block == 32)
+
+
+def test_no_mask_or_table_is_built(monkeypatch):
+    """The kernel remap path builds no ``(heads, n, n)`` mask and no CSR tables."""
+    def fail(*args, **kwargs):
+        raise AssertionError("a mask or table builder was called on the kernel remap path")
+
+    for module, name in ((remap_module, "from_mask"), (patterns, "from_mask"), (lowering, "block_tables"),
+                         (lowering, "_tile_bits"), (remap_module, "remapped_mask_pattern")):
+        monkeypatch.setattr(module, name, fail)
+    pattern, heads, kv_heads = PATTERNS["gqa"]
+    plan = _plan_for(pattern, 4 * 23, 2, 1, heads, kv_heads, True)
+    for chunk in plan.chunks:
+        _compare(pattern, heads, kv_heads, 4 * 23, chunk, seed=1, check_tables=False)
+
+
+def test_layouts_the_kernels_do_not_take_fall_back():
+    """The kernels take a map whose rows are padding, outside blocks (any order), then the queries' own blocks as
+    an absolute-contiguous suffix; any other is not theirs (the caller then gets the table path on a GPU, the
+    reference elsewhere)."""
+    def layout(row, sq=16):
+        return remap_layout(torch.tensor([row], dtype=torch.int32), 64 - sq, sq, 64, 16)
+
+    assert layout([0, 2, 1, 3]) == (0, 3)
+    assert layout([-1, 2, 0, 3]) == (0, 3)
+    assert layout([0, 3, 2, 3]) is None  # an outside block inside the own range
+    assert layout([0, -1, 1, 3]) is None  # padding after a block
+    assert layout([0, 1, 5, 3], sq=32) is None  # a query's block not in the own suffix

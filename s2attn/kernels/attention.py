@@ -12,6 +12,11 @@ the ``TABLE`` constexpr:
   (pattern head, key block) the query tiles that touch it (``cols``), each entry with a
   bit mask saying which of the tile's query blocks are allowed (Merge-Q).
 
+With ``REMAP`` (rule only) the keys are packed (``s2attn.remap``): ``KEY_MAP`` maps each kv head's packed key
+blocks to absolute ones, absolute query block = packed + ``q_shift``, and the packed blocks from ``own_first``
+on are the queries' own (absolute = packed + ``q_shift``); the rule applies to absolute blocks. Without it
+(``REMAP=False``) those parameters are never read, and the kernels compile as before.
+
 Positions are absolute: query row ``i`` of a sequence sits at ``seqlen_k - seqlen_q + i``,
 and query tiles are aligned to absolute positions so a tile never straddles a pattern block
 boundary unevenly. Every sequence (batched or varlen) is located through ``cu_seqlens``.
@@ -28,7 +33,8 @@ import triton
 import triton.language as tl
 
 from .rule import (LOG2E_C, MASK_BLOCKS, MASK_OPENING, UNMASKED, col_tiles, column_block, first_congruent,
-                   head_rule, long_open_tile, row_segments, rows_allowed, segment_block, tile_ok)
+                   head_rule, long_open_tile, mapped_col_tiles, row_segments, rows_allowed, segment_block,
+                   tile_ok)
 
 
 @triton.jit
@@ -67,6 +73,17 @@ def _seq_bounds(cu_q, cu_k, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
         len_q = seqlen_q
         len_k = seqlen_k
     return q_start, k_start, len_q, len_k
+
+
+@triton.jit
+def _lower_bound(ptr, lo, hi, value):
+    """The first index in ``[lo, hi)`` whose entry is ``>= value`` (``hi`` if none); entries ascend."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        below = tl.load(ptr + mid) < value
+        lo = tl.where(below, mid + 1, lo)
+        hi = tl.where(below, hi, mid)
+    return lo
 
 
 # --------------------------------------------------------------------------- query-major: forward and dQ
@@ -118,14 +135,15 @@ def _row_segment(
     acc, m_i, l_i, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, k_desc, v_desc, desc_b, desc_row0,
     desc_h, q_pos, qb_rows, offs_n, offs_d, len_k, qk_scale,
     start, step, count, ent_base, tab_kb, tab_bits, qb_lo,
-    local, stride, shift, dense,
+    local, stride, shift, dense, key_map, q_shift,
     BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     MASKED: tl.constexpr, TABLE: tl.constexpr, UPCAST: tl.constexpr, BACKWARD: tl.constexpr, PAIRS: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, MAPPED: tl.constexpr,
 ):
     """The key blocks ``start + i * step`` (or table entries), ``i < count``. With ``PAIRS`` (unmasked
     segments; only when ``BLOCK_N == BLOCK``, else ignored), two blocks of the segment, wherever they
-    lie, make one tile of ``2 * BLOCK`` keys: half the iterations, twice the matrix size."""
+    lie, make one tile of ``2 * BLOCK`` keys: half the iterations, twice the matrix size. ``MAPPED``: a remapped
+    call's outside blocks (masked; see :func:`.rule.segment_block`)."""
     if PAIRS and BLOCK_N == BLOCK:
         offs_2 = tl.arange(0, 2 * BLOCK)
         pair_off = (offs_2 // BLOCK) * (step * BLOCK) + offs_2 % BLOCK
@@ -142,7 +160,8 @@ def _row_segment(
     NSUB: tl.constexpr = BLOCK // BLOCK_N
     for j in range(count * NSUB):
         kb, row_ok = segment_block(j // NSUB, start, step, ent_base, tab_kb, tab_bits, qb_rows, qb_lo, local, stride,
-                                   shift, dense, CAUSAL=CAUSAL, MASKED=MASKED, TABLE=TABLE)
+                                   shift, dense, key_map, q_shift, CAUSAL=CAUSAL, MASKED=MASKED, TABLE=TABLE,
+                                   MAPPED=MAPPED)
         k_lo = kb * BLOCK + (j % NSUB) * BLOCK_N
         acc, m_i, l_i = _row_tile(acc, m_i, l_i, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, k_desc,
                                   v_desc, desc_b, desc_row0 + k_lo, desc_h, q_pos, k_lo + offs_n, offs_d, len_k,
@@ -176,15 +195,20 @@ def _load_rows(base, rows, stride_s, io_mask, BLOCK_D: tl.constexpr):
 def _query_tile_pass(
     q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, k_desc, v_desc, desc_b, k_start, kvh,
     q_pos, len_k, qk_scale, h, tile, n_tiles,
-    tab_ptr, tab_kb, tab_bits,
+    tab_ptr, tab_kb, tab_bits, key_map, q_shift, own_first,
     local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous, pattern_heads,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, TABLE: tl.constexpr, UPCAST: tl.constexpr, BACKWARD: tl.constexpr, PAIRS: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, REMAP: tl.constexpr,
 ):
     """Every key block the query tile reads: the table row, or the rule's five segments (unmasked
     vertical; masked window edge; unmasked window; masked diagonal; bidirectional: masked vertical
-    right of the window). Returns ``(acc, m_i, l_i)``; backward: ``(dq, -, -)``."""
+    right of the window). Returns ``(acc, m_i, l_i)``; backward: ``(dq, -, -)``.
+
+    ``REMAP`` (packed keys, ``key_map`` this kv head's row of packed -> absolute key blocks): the packed blocks
+    from ``own_first`` on are the queries' own, absolute ``packed + q_shift``, so there the five segments run in
+    the packed frame with the rule's shift moved by ``q_shift`` and clipped to start at ``own_first``; the blocks
+    before it (after the padding) are one masked segment through the map."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     qb_rows = q_pos // BLOCK
@@ -201,47 +225,64 @@ def _query_tile_pass(
         ent = tl.load(tab_ptr + row)
         cnt = tl.load(tab_ptr + row + 1) - ent
         acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, 0, 1, cnt, ent, tab_kb, tab_bits, qb_lo, local=1, stride=1,
-                                     shift=0, dense=False, BLOCK=BLOCK, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
-                                     BLOCK_D=BLOCK_D, CAUSAL=CAUSAL, MASKED=True, TABLE=True, UPCAST=UPCAST,
-                                     BACKWARD=BACKWARD, PAIRS=False, TMA=TMA)
+                                     shift=0, dense=False, key_map=key_map, q_shift=q_shift, BLOCK=BLOCK,
+                                     BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CAUSAL=CAUSAL, MASKED=True,
+                                     TABLE=True, UPCAST=UPCAST, BACKWARD=BACKWARD, PAIRS=False, TMA=TMA, MAPPED=False)
     else:
         shift, dense = head_rule(h, stride=stride, step=step, offset=offset, heads_per_group=heads_per_group,
                                  head_base=head_base, sparse_groups=sparse_groups, homogeneous=homogeneous)
+        if REMAP:
+            # outside blocks: after the padding (-1 entries, first), before the own ones
+            out_lo = _lower_bound(key_map, own_first * 0, own_first, 0)
+            acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, out_lo, 1, own_first - out_lo, 0, tab_kb, tab_bits,
+                                         qb_lo, local, stride, shift, dense, key_map, q_shift, BLOCK=BLOCK,
+                                         BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CAUSAL=CAUSAL,
+                                         MASKED=True, TABLE=False, UPCAST=UPCAST, BACKWARD=BACKWARD, PAIRS=False,
+                                         TMA=TMA, MAPPED=True)
+            shift = (shift + q_shift % stride + stride) % stride  # the own blocks' rule, in the packed frame
         a0, an, b_lo, b_hi, c_lo, c_hi, d_lo, d_hi, e0, en = row_segments(
             qb_lo, qb_hi, n_kb, local=local, stride=stride, shift=shift, dense=dense, CAUSAL=CAUSAL)
-        rule = (0, tab_kb, tab_bits, qb_lo, local, stride, shift, dense)
+        rule = (0, tab_kb, tab_bits, qb_lo, local, stride, shift, dense, key_map, q_shift)
         a_step = tl.where(dense, 1, stride)
+        if REMAP:  # own blocks only: clip the segments left of the queries to start at own_first
+            skip = tl.maximum((own_first - a0 + a_step - 1) // a_step, 0)
+            a0 += skip * a_step
+            an = tl.maximum(an - skip, 0)
+            b_lo = tl.maximum(b_lo, own_first)
+            c_lo = tl.maximum(c_lo, own_first)
+            d_lo = tl.maximum(d_lo, own_first)
         # the five segments in order (see rule.row_segments); unmasked ones may read key blocks in pairs
         acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, a0, a_step, an, *rule, BLOCK=BLOCK, BLOCK_N=BLOCK_N,
                                      HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CAUSAL=CAUSAL, MASKED=False, TABLE=False,
-                                     UPCAST=UPCAST, BACKWARD=BACKWARD, PAIRS=PAIRS, TMA=TMA)
+                                     UPCAST=UPCAST, BACKWARD=BACKWARD, PAIRS=PAIRS, TMA=TMA, MAPPED=False)
         acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, b_lo, 1, b_hi - b_lo + 1, *rule, BLOCK=BLOCK,
                                      BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CAUSAL=CAUSAL, MASKED=True,
-                                     TABLE=False, UPCAST=UPCAST, BACKWARD=BACKWARD, PAIRS=False, TMA=TMA)
+                                     TABLE=False, UPCAST=UPCAST, BACKWARD=BACKWARD, PAIRS=False, TMA=TMA, MAPPED=False)
         acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, c_lo, 1, c_hi - c_lo + 1, *rule, BLOCK=BLOCK,
                                      BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CAUSAL=CAUSAL, MASKED=False,
-                                     TABLE=False, UPCAST=UPCAST, BACKWARD=BACKWARD, PAIRS=PAIRS, TMA=TMA)
+                                     TABLE=False, UPCAST=UPCAST, BACKWARD=BACKWARD, PAIRS=PAIRS, TMA=TMA, MAPPED=False)
         acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, d_lo, 1, d_hi - d_lo + 1, *rule, BLOCK=BLOCK,
                                      BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CAUSAL=CAUSAL, MASKED=True,
-                                     TABLE=False, UPCAST=UPCAST, BACKWARD=BACKWARD, PAIRS=False, TMA=TMA)
+                                     TABLE=False, UPCAST=UPCAST, BACKWARD=BACKWARD, PAIRS=False, TMA=TMA, MAPPED=False)
         if not CAUSAL:
             acc, m_i, l_i = _row_segment(acc, m_i, l_i, *state, e0, stride, en, *rule, BLOCK=BLOCK, BLOCK_N=BLOCK_N,
                                          HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CAUSAL=CAUSAL, MASKED=True, TABLE=False,
-                                         UPCAST=UPCAST, BACKWARD=BACKWARD, PAIRS=False, TMA=TMA)
+                                         UPCAST=UPCAST, BACKWARD=BACKWARD, PAIRS=False, TMA=TMA, MAPPED=False)
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["own_first"])  # a loop bound: a value, not a constexpr 1
 def _attn_fwd(
     Q, K, V, O, LSE, cu_q, cu_k, tab_ptr, tab_kb, tab_bits, K_DESC, V_DESC,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls,
     seqlen_q, seqlen_k, heads_per_kv, n_tiles, qk_scale,
     local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous, pattern_heads,
+    KEY_MAP, stride_map, q_shift, own_first,  # last: the other parameters keep their places (and code)
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, TABLE: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr, PAIRS: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, REMAP: tl.constexpr,
 ):
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -255,10 +296,11 @@ def _attn_fwd(
         q, q, 0.0, 0.0, K + b * stride_kb + k_start * stride_ks + kvh * stride_kh,
         V + b * stride_vb + k_start * stride_vs + kvh * stride_vh, stride_ks, stride_vs,
         K_DESC, V_DESC, 0 if VARLEN else b, k_start, kvh, q_pos, len_k, qk_scale, h, tile, n_tiles, tab_ptr, tab_kb,
-        tab_bits, local=local, stride=stride, step=step, offset=offset, heads_per_group=heads_per_group,
+        tab_bits, KEY_MAP + kvh * stride_map, q_shift, own_first, local=local, stride=stride, step=step,
+        offset=offset, heads_per_group=heads_per_group,
         head_base=head_base, sparse_groups=sparse_groups, homogeneous=homogeneous, pattern_heads=pattern_heads,
         BLOCK=BLOCK, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CAUSAL=CAUSAL, TABLE=TABLE,
-        UPCAST=UPCAST, BACKWARD=False, PAIRS=PAIRS, TMA=TMA)
+        UPCAST=UPCAST, BACKWARD=False, PAIRS=PAIRS, TMA=TMA, REMAP=REMAP)
     nonempty = l_i > 0.0
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
     lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) / LOG2E_C, float("-inf"))
@@ -267,7 +309,7 @@ def _attn_fwd(
     tl.store(LSE + b * stride_lb + h * stride_lh + rows * stride_ls, lse, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["own_first"])
 def _attn_bwd_dq(
     Q, K, V, O, DO, DQ, LSE, DLSE, DELTA, cu_q, cu_k, tab_ptr, tab_kb, tab_bits, K_DESC, V_DESC,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
@@ -275,10 +317,11 @@ def _attn_bwd_dq(
     stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh, stride_ls,
     seqlen_q, seqlen_k, heads_per_kv, n_tiles, qk_scale, sm_scale,
     local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous, pattern_heads,
+    KEY_MAP, stride_map, q_shift, own_first,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, TABLE: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr, PAIRS: tl.constexpr,
-    HAS_DLSE: tl.constexpr, TMA: tl.constexpr,
+    HAS_DLSE: tl.constexpr, TMA: tl.constexpr, REMAP: tl.constexpr,
 ):
     """dQ, query-major like the forward (the same pass over key blocks). It also computes and stores
     delta = rowsum(dO * O) - dlse, the softmax-backward row term the dK/dV kernel (launched after) reads."""
@@ -302,10 +345,11 @@ def _attn_bwd_dq(
         q, do, lse2, delta, K + b * stride_kb + k_start * stride_ks + kvh * stride_kh,
         V + b * stride_vb + k_start * stride_vs + kvh * stride_vh, stride_ks, stride_vs,
         K_DESC, V_DESC, 0 if VARLEN else b, k_start, kvh, q_pos, len_k, qk_scale, h, tile, n_tiles, tab_ptr, tab_kb,
-        tab_bits, local=local, stride=stride, step=step, offset=offset, heads_per_group=heads_per_group,
+        tab_bits, KEY_MAP + kvh * stride_map, q_shift, own_first, local=local, stride=stride, step=step,
+        offset=offset, heads_per_group=heads_per_group,
         head_base=head_base, sparse_groups=sparse_groups, homogeneous=homogeneous, pattern_heads=pattern_heads,
         BLOCK=BLOCK, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CAUSAL=CAUSAL, TABLE=TABLE,
-        UPCAST=UPCAST, BACKWARD=True, PAIRS=PAIRS, TMA=TMA)
+        UPCAST=UPCAST, BACKWARD=True, PAIRS=PAIRS, TMA=TMA, REMAP=REMAP)
     dq_ptrs = DQ + b * stride_dqb + rows[:, None] * stride_dqs + h * stride_dqh + tl.arange(0, BLOCK_D)[None, :]
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=io_mask)
 
@@ -479,17 +523,6 @@ def _attn_bwd_dkdv_long(
 
 
 @triton.jit
-def _lower_bound(ptr, lo, hi, value):
-    """The first index in ``[lo, hi)`` whose entry is ``>= value`` (``hi`` if none); entries ascend."""
-    while lo < hi:
-        mid = (lo + hi) // 2
-        below = tl.load(ptr + mid) < value
-        lo = tl.where(below, mid + 1, lo)
-        hi = tl.where(below, hi, mid)
-    return lo
-
-
-@triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, DO, DK, DV, LSE, DELTA, PART_K, PART_V, cu_q, cu_k, tab_ptr, tab_tile, tab_bits, Q_DESC, DO_DESC,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
@@ -498,17 +531,20 @@ def _attn_bwd_dkdv(
     seqlen_q, seqlen_k, heads_per_kv, n_heads, n_kblocks, qk_scale, sm_scale, chunk, n_splits, part_cols,
     part_stride,
     local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous, pattern_heads,
+    KEY_MAP, stride_map, q_shift,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, TABLE: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr,
-    ATOMIC: tl.constexpr, OPEN_ALIGN: tl.constexpr, TMA: tl.constexpr,
+    ATOMIC: tl.constexpr, OPEN_ALIGN: tl.constexpr, TMA: tl.constexpr, REMAP: tl.constexpr,
 ):
     """dK and dV of one key tile for one kv head: every query head of its group.
 
     Tables: the column's entries, the ``split``-th chunk of ``chunk`` of them; with more than one
     chunk, results add atomically into fp32. Rule: a short column's query tiles (all masked: one loop), a
     long column's diagonal tiles plus its partial sums from :func:`_attn_bwd_dkdv_long`; every element is
-    then stored once, in the output dtype."""
+    then stored once, in the output dtype. ``REMAP`` (rule, packed keys): key row ``r`` holds absolute block
+    ``KEY_MAP[kvh, kb[r]]``; the rule and causality see it as block ``kb_abs - q_shift`` of the queries' packed
+    frame, and every query tile that reads it is here (no long pass)."""
     pid_n = tl.program_id(0)
     kvh = tl.program_id(1) // n_splits
     split = tl.program_id(1) % n_splits
@@ -533,6 +569,13 @@ def _attn_bwd_dkdv(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     work = 0
+    if REMAP:
+        kb_abs = tl.load(KEY_MAP + kvh * stride_map + kb, mask=k_pos < len_k, other=-1)
+        kb_v = kb_abs - q_shift  # the key's block in the queries' packed frame
+        k_cmp = kb_v * BLOCK + k_pos % BLOCK  # its position there, for causality
+    else:
+        kb_v = kb
+        k_cmp = k_pos
     for i in range(heads_per_kv):
         h = kvh * heads_per_kv + i
         q_base, do_base, lse_base, delta_base = _head_rows(Q, DO, LSE, DELTA, b, h, q_start, stride_qb, stride_qs,
@@ -540,7 +583,7 @@ def _attn_bwd_dkdv(
                                                            stride_lh, stride_ls)
         state = (q_base, do_base, lse_base, delta_base,
                  stride_qs, stride_dos, stride_ls, Q_DESC, DO_DESC, 0 if VARLEN else b, q_start - q_off, h,
-                 k_pos, kb, offs_m, offs_d, q_off, len_q, qk_scale)
+                 k_cmp, kb_v, offs_m, offs_d, q_off, len_q, qk_scale)
         if TABLE:
             col = (h % pattern_heads) * n_kblocks + kb
             end = tl.load(tab_ptr + col + 1)
@@ -562,19 +605,25 @@ def _attn_bwd_dkdv(
             # for the tile their union, every tile masked: one loop, one pipeline to fill (H100, short pass,
             # block 64: 32k 1.46 -> 1.45 ms, 128k 6.59 -> 6.32; block 16, 32k 1.74 -> 1.65; against an unmasked
             # middle loop between two masked ones)
-            lo, hi, long = col_tiles(kb, q_tile_lo, q_tile_hi, local, stride, shift, dense, BLOCK=BLOCK,
-                                     BLOCK_M=BLOCK_M, CAUSAL=CAUSAL, OPEN_ALIGN=OPEN_ALIGN)
+            if REMAP:
+                lo, hi = mapped_col_tiles(kb_abs, kb_v, q_tile_lo, q_tile_hi, local, stride, shift, dense, BLOCK=BLOCK,
+                                          BLOCK_M=BLOCK_M, CAUSAL=CAUSAL)
+                shift = (shift + q_shift % stride + stride) % stride  # the rule in the packed frame
+            else:
+                lo, hi, long = col_tiles(kb, q_tile_lo, q_tile_hi, local, stride, shift, dense, BLOCK=BLOCK,
+                                         BLOCK_M=BLOCK_M, CAUSAL=CAUSAL, OPEN_ALIGN=OPEN_ALIGN)
             rule = (0, tab_tile, tab_bits, lo, hi, local, stride, shift, dense)
             t_lo = tl.min(lo, 0)
             dk, dv = _dkdv_segment(dk, dv, k, v, *state, t_lo, tl.max(hi, 0) - t_lo + 1, *rule, BLOCK=BLOCK,
                                    BLOCK_M=BLOCK_M, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CAUSAL=CAUSAL,
                                    MASK=MASK_BLOCKS, TABLE=False, UPCAST=UPCAST, TMA=TMA)
-            if tl.max(long.to(tl.int32), 0) > 0:
-                c = tl.where(dense, kb, (kb - first_congruent(0, stride, shift)) // stride)
-                where = (b, k_start, c, h, k_pos - kb * BLOCK, offs_d, n_heads, part_cols, part_stride)
-                p_mask = kv_mask & long[:, None]
-                dk += tl.load(_long_col_ptrs(PART_K, *where, BLOCK, BLOCK_D, VARLEN), mask=p_mask, other=0.0)
-                dv += tl.load(_long_col_ptrs(PART_V, *where, BLOCK, BLOCK_D, VARLEN), mask=p_mask, other=0.0)
+            if not REMAP:  # a long column's partial sums from the long pass
+                if tl.max(long.to(tl.int32), 0) > 0:
+                    c = tl.where(dense, kb, (kb - first_congruent(0, stride, shift)) // stride)
+                    where = (b, k_start, c, h, k_pos - kb * BLOCK, offs_d, n_heads, part_cols, part_stride)
+                    p_mask = kv_mask & long[:, None]
+                    dk += tl.load(_long_col_ptrs(PART_K, *where, BLOCK, BLOCK_D, VARLEN), mask=p_mask, other=0.0)
+                    dv += tl.load(_long_col_ptrs(PART_V, *where, BLOCK, BLOCK_D, VARLEN), mask=p_mask, other=0.0)
     k_rows = k_start + k_pos
     dk_ptrs = DK + b * stride_dkb + k_rows[:, None] * stride_dks + kvh * stride_dkh + offs_d[None, :]
     dv_ptrs = DV + b * stride_dvb + k_rows[:, None] * stride_dvs + kvh * stride_dvh + offs_d[None, :]

@@ -5,7 +5,9 @@ Tensors arrive as 4-D ``(batch, seq, heads, head_dim)`` *views* (any strides, un
 ``head_dim``); packed varlen input is a ``(1, total, heads, head_dim)`` view with ``cu_seqlens``.
 ``rule`` is a :class:`.rule.KernelRule` (or its nine ints, as the custom ops pass it), handed to the
 kernels field by field, by name; with ``rows``/``cols`` tables given (CSR ``(ptr, index, bits)``),
-the table path is used and only ``pattern_heads`` of ``rule`` matters.
+the table path is used and only ``pattern_heads`` of ``rule`` matters. ``remap`` (a :class:`Remap`, rule path
+only, no packed sequences): the keys are packed, and the rule applies through their block map
+(``s2attn.remap``).
 """
 
 from __future__ import annotations
@@ -127,6 +129,28 @@ def _row_descriptors(lead: int, *xs: torch.Tensor) -> list:
     return descs
 
 
+class Remap(NamedTuple):
+    """Packed keys (``s2attn.remap``): ``key_map`` int32 ``(kv_heads, n_packed)`` on the device, packed -> absolute
+    key block (-1: padding, first); absolute query block = packed + ``q_shift``; packed blocks from ``own_first`` on
+    are the queries' own (absolute = packed + ``q_shift``), the ones before them outside blocks."""
+
+    key_map: torch.Tensor
+    q_shift: int
+    own_first: int
+
+
+def _remap_args(remap: Optional[Remap], device, own_first: bool = True) -> dict:
+    """The kernels' ``KEY_MAP, stride_map, q_shift, own_first`` by name (placeholders without a remap)."""
+    if remap is None:
+        args = dict(KEY_MAP=_placeholder(device), stride_map=0, q_shift=0, own_first=0)
+    else:
+        args = dict(KEY_MAP=remap.key_map, stride_map=remap.key_map.stride(0), q_shift=remap.q_shift,
+                    own_first=remap.own_first)
+    if not own_first:
+        del args["own_first"]
+    return args
+
+
 def _seq_args(q, k, cu_q, cu_k):
     varlen = cu_q is not None
     if varlen:
@@ -140,14 +164,15 @@ def _table_args(table, device):
     return True, table
 
 
-def forward(q, k, v, *, cu_q, cu_k, max_q, max_k, rule, rows, block, scale, causal):
+def forward(q, k, v, *, cu_q, cu_k, max_q, max_k, rule, rows, block, scale, causal, remap: Optional[Remap] = None):
     """Returns ``out`` (shaped and strided like ``q``) and ``lse`` fp32 ``(batch, heads, seq)``
     (``(heads, total)`` when varlen)."""
     rule = KernelRule(*rule)
     varlen, batch, cu_q, cu_k = _seq_args(q, k, cu_q, cu_k)
     heads, head_dim = q.shape[2], q.shape[3]
     use_table, table = _table_args(rows, q.device)
-    plan = make_plan("forward", q, k, v, block=block, max_q=max_q, max_k=max_k, varlen=varlen, table=use_table)
+    plan = make_plan("forward", q, k, v, block=block, max_q=max_q, max_k=max_k, varlen=varlen, table=use_table,
+                     remap=remap is not None)
     t = plan.fwd.tiles
     out = _new_like(q, poison=plan.poison)
     lse = _new_like(q, (heads, q.shape[1]) if varlen else (batch, heads, q.shape[1]), torch.float32,
@@ -161,9 +186,9 @@ def forward(q, k, v, *, cu_q, cu_k, max_q, max_k, rule, rows, block, scale, caus
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
         *_lse_strides(lse, varlen),
         max_q, max_k, heads // k.shape[2], n_tiles, scale * LOG2E, **rule._asdict(),
-        BLOCK=block, BLOCK_M=t.block_m, BLOCK_N=t.block_n, HEAD_DIM=head_dim,
+        **_remap_args(remap, q.device), BLOCK=block, BLOCK_M=t.block_m, BLOCK_N=t.block_n, HEAD_DIM=head_dim,
         BLOCK_D=block_d, CAUSAL=causal, TABLE=use_table, VARLEN=varlen,
-        UPCAST=_upcast(q.dtype), PAIRS=t.pairs, TMA=plan.fwd.tma, num_warps=t.num_warps,
+        UPCAST=_upcast(q.dtype), PAIRS=t.pairs, TMA=plan.fwd.tma, REMAP=remap is not None, num_warps=t.num_warps,
         num_stages=t.num_stages,
     )
     return out, lse
@@ -192,6 +217,7 @@ class _Backward(NamedTuple):
     block: int
     scale: float
     causal: bool
+    remap: Optional[Remap]
 
     @property
     def block_d(self) -> int:
@@ -206,7 +232,7 @@ class _Backward(NamedTuple):
 
 
 def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, rows, cols, block, scale, causal,
-             has_dense, deterministic):
+             has_dense, deterministic, remap: Optional[Remap] = None):
     """Gradients ``(dq, dk, dv)`` of :func:`forward`; ``dlse`` (or None) is the gradient of ``lse``. The plan,
     then dQ (and delta), the long columns' pass (rule path) and dK/dV."""
     rule = KernelRule(*rule)
@@ -214,11 +240,11 @@ def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, row
     use_table, row_table = _table_args(rows, q.device)
     _, col_table = _table_args(cols, q.device)
     plan = make_plan("backward", q, k, v, do=do, lse=lse, block=block, max_q=max_q, max_k=max_k, varlen=varlen,
-                     table=use_table, deterministic=deterministic)
+                     table=use_table, deterministic=deterministic, remap=remap is not None)
     ws_long = plan.dkdv_long is not None and plan.dkdv_long.warp_specialised
     hopper = _hopper_descriptors(q, k, v, do, block) if ws_long or plan.dq.warp_specialised else None
     a = _Backward(do, q, k, v, out, cu_q, cu_k, use_table, row_table, col_table, rule, plan, hopper, varlen, batch,
-                  max_q, max_k, block, scale, causal)
+                  max_q, max_k, block, scale, causal, remap)
     lead = (max_k - max_q) % 4  # the long pass's lse / delta tiles start this many entries before a row
     if ws_long:  # the Gluon long pass reads lse and delta rows through TMA; dQ reads dlse with lse's strides
         lse = _tma_rows(lse, lead)
@@ -229,7 +255,10 @@ def backward(do, q, k, v, out, lse, dlse, *, cu_q, cu_k, max_q, max_k, rule, row
         delta = torch.empty_like(lse)  # written by the dQ kernel, read by the dK/dV kernel
     dq = _run_dq(a, lse, lse if dlse is None else dlse, delta)
     part_stride = 1 if has_dense else rule.stride  # long columns (rule path): every block of a dense head
-    parts = row_table[:2] if use_table else _run_long(a, lse, delta, lead, part_stride)
+    if use_table or remap is not None:  # no long pass: the PART pointers are not read
+        parts = row_table[:2] if use_table else (_placeholder(q.device),) * 2
+    else:
+        parts = _run_long(a, lse, delta, lead, part_stride)
     dk, dv = _run_dkdv(a, lse, delta, parts, part_stride)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
@@ -254,8 +283,10 @@ def _run_dq(a: _Backward, lse, dlse, delta) -> torch.Tensor:
             a.q, a.k, a.v, a.out, a.do, dq, lse, dlse, delta, a.cu_q, a.cu_k, *a.row_table, *descs,
             *a.strides(a.q, a.k, a.v, a.out, a.do, dq), *lse_strides,
             a.max_q, a.max_k, heads // kv_heads, triton.cdiv(a.max_k, t.block_m), a.scale * LOG2E, a.scale,
-            **a.rule._asdict(), BLOCK_M=t.block_m, BLOCK_N=t.block_n, TABLE=a.table, PAIRS=t.pairs,
-            HAS_DLSE=dlse is not lse, TMA=launch.tma, num_warps=t.num_warps, num_stages=t.num_stages, **a.common(),
+            **a.rule._asdict(), **_remap_args(a.remap, a.q.device), BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+            TABLE=a.table, PAIRS=t.pairs,
+            HAS_DLSE=dlse is not lse, TMA=launch.tma, REMAP=a.remap is not None, num_warps=t.num_warps,
+            num_stages=t.num_stages, **a.common(),
         )
     return dq
 
@@ -308,8 +339,10 @@ def _run_dkdv(a: _Backward, lse, delta, parts, part_stride: int) -> tuple[torch.
         a.q, a.k, a.v, a.do, dk, dv, lse, delta, *parts, a.cu_q, a.cu_k, *a.col_table, *descs,
         *a.strides(a.q, a.k, a.v, a.do, dk, dv), *_lse_strides(lse, a.varlen),
         a.max_q, a.max_k, heads // kv_heads, heads, n_kb, a.scale * LOG2E, a.scale, a.plan.chunk, launch.splits,
-        triton.cdiv(n_kb, part_stride), part_stride, **a.rule._asdict(), BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-        TABLE=a.table, ATOMIC=launch.atomic, OPEN_ALIGN=a.plan.open_align, TMA=launch.tma, num_warps=t.num_warps,
+        triton.cdiv(n_kb, part_stride), part_stride, **a.rule._asdict(),
+        **_remap_args(a.remap, a.q.device, own_first=False), BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+        TABLE=a.table, ATOMIC=launch.atomic, OPEN_ALIGN=a.plan.open_align, TMA=launch.tma,
+        REMAP=a.remap is not None, num_warps=t.num_warps,
         num_stages=t.num_stages, **a.common(),
     )
     return dk, dv

@@ -277,13 +277,15 @@ def _column_chunks(max_q: int, block_m: int, deterministic: bool, o: PlanOverrid
 
 def make_plan(call: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: int, max_q: int, max_k: int,
               varlen: bool, table: bool, do: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
-              deterministic: bool = False) -> LaunchPlan:
+              deterministic: bool = False, remap: bool = False) -> LaunchPlan:
     """The plan of a ``"forward"`` or ``"backward"`` call (the backward's needs ``do`` and ``lse``) on tensors as
     the launchers take them (4-D ``(batch, seq, heads, head_dim)`` views); ``table``: the pattern comes as mask
-    tables. Reads the active :func:`plan_overrides` and calls its ``observe``."""
+    tables; ``remap``: the rule through a packed key map (``s2attn.remap``). Reads the active
+    :func:`plan_overrides` and calls its ``observe``."""
     o = _active[-1]
     head_dim, itemsize = q.shape[-1], q.element_size()
-    what = (f"{call}, {'mask tables' if table else 'rule'}, block {block}, {str(q.dtype).replace('torch.', '')}, "
+    form = "mask tables" if table else "remapped rule" if remap else "rule"
+    what = (f"{call}, {form}, block {block}, {str(q.dtype).replace('torch.', '')}, "
             f"head dim {head_dim}, {max_q} queries, {max_k} keys{', packed' if varlen else ''}")
 
     def pick(kernel: str, seqlen: int = 0) -> Tiles:
@@ -295,6 +297,8 @@ def make_plan(call: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, b
         plan = LaunchPlan(what, fwd=KernelLaunch("_attn_fwd", t, tma, why=why), poison=o.poison)
     else:
         blocker = warp_specialised_blocker(q, k, v, do, lse, varlen, table)
+        if remap and not blocker:
+            blocker = "remap: the Gluon kernels do not take the key map"
         ws_long = not blocker and o.warp_specialised.get("dkdv_long", True)
         if not blocker and o.warp_specialised.get("dq", True) and max_k > o.ws_dq_from and block >= 64:
             dq = KernelLaunch("_attn_bwd_dq_ws", Tiles(128, min(block, 64), 4, o.ws_dq_stages), True,
@@ -306,12 +310,18 @@ def make_plan(call: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, b
                 why = ", ".join(x for x in (why, f"Triton: block {block}" if block < 64 else
                                             f"Triton: {max_k} keys <= {o.ws_dq_from}" if max_k <= o.ws_dq_from
                                             else "Triton: overridden") if x)
+            if remap:
+                why = ", ".join(x for x in (why, "remap: Triton, no Gluon kernels") if x)
             dq = KernelLaunch("_attn_bwd_dq", t, tma, why=why)
         t = pick("dkdv")
         long = None
         if table:  # table columns are split across programs instead
             chunk, splits = _column_chunks(max_q, t.block_m, deterministic, o)
             open_align = t.block_m
+        elif remap:
+            # no long pass: its columns sit ``stride`` absolute blocks apart, which packed keys are not (a first
+            # version: a long column's query tiles all run in one dK/dV program)
+            chunk, splits, open_align = 0, 1, t.block_m
         else:
             lt = o.ws_tiles if ws_long else pick("dkdv_long", max_k)
             open_align = max(lt.block_m, t.block_m)  # where a long column's two passes meet (powers of two)
@@ -321,6 +331,8 @@ def make_plan(call: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, b
                                 long_splits, why=why + (", deterministic" if deterministic else ""))
             splits = 1
         tma, why = _tma("dkdv", o, t, varlen, q, do)
+        if remap:
+            why = ", ".join(x for x in (why, "remap: long columns whole here, no long pass") if x)
         dkdv = KernelLaunch("_attn_bwd_dkdv", t, tma, splits, why=why)
         plan = LaunchPlan(what, dq=dq, dkdv_long=long, dkdv=dkdv, chunk=chunk, open_align=open_align,
                           poison=o.poison)

@@ -133,13 +133,23 @@ def row_segments(qb_lo, qb_hi, n_kb, local, stride, shift, dense, CAUSAL: tl.con
 
 
 @triton.jit
-def segment_block(i, start, step, ent_base, tab_kb, tab_bits, qb_rows, qb_lo, local, stride, shift, dense,
-                  CAUSAL: tl.constexpr, MASKED: tl.constexpr, TABLE: tl.constexpr):
-    """The ``i``-th key block of a segment, and which of the tile's query rows read it."""
+def segment_block(i, start, step, ent_base, tab_kb, tab_bits, qb_rows, qb_lo, local, stride, shift, dense, key_map,
+                  q_shift, CAUSAL: tl.constexpr, MASKED: tl.constexpr, TABLE: tl.constexpr, MAPPED: tl.constexpr):
+    """The ``i``-th key block of a segment, and which of the tile's query rows read it. ``MAPPED`` (a remapped
+    call's outside blocks): packed block ``kb`` holds absolute block ``key_map[kb]``, query block ``qb`` is
+    absolute ``qb + q_shift``, and the rule (with its own ``shift``) and causality apply to the absolute ones; an
+    outside block is never a query's own block, so causality is a whole block's."""
     if TABLE:
         kb = tl.load(tab_kb + ent_base + i)
         bits = tl.load(tab_bits + ent_base + i)
         row_ok = ((bits >> (qb_rows - qb_lo)) & 1) != 0
+    elif MAPPED:
+        kb = start + i * step
+        kb_abs = tl.load(key_map + kb)
+        qb_abs = qb_rows + q_shift
+        row_ok = rows_allowed(qb_abs, kb_abs, local, stride, shift, dense, CAUSAL=CAUSAL) & (kb_abs >= 0)
+        if CAUSAL:
+            row_ok = row_ok & (kb_abs < qb_abs)
     else:
         kb = start + i * step
         if MASKED:
@@ -200,3 +210,21 @@ def col_tiles(kb, q_tile_lo, q_tile_hi, local, stride, shift, dense,
         hi = tl.where(long, lo - 1, (past - 1) // BLOCK_M)
     return tl.maximum(lo, q_tile_lo), tl.minimum(hi, q_tile_hi), long
 
+
+
+@triton.jit
+def mapped_col_tiles(kb_abs, kb_v, q_tile_lo, q_tile_hi, local, stride, shift, dense,
+                     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """A remapped call's dK/dV query tiles ``lo..hi`` (clipped; empty for padding, ``kb_abs < 0``) for key rows of
+    absolute block ``kb_abs``, ``kb_v = kb_abs - q_shift`` in the queries' packed frame (negative for blocks
+    far before them). No long pass: a long column's tiles are all here."""
+    long = dense | (((kb_abs + shift) % stride) == 0)
+    past = (kb_v + local) * BLOCK  # first query position past the window (packed frame)
+    near_hi = tl.where(past > 0, (past - 1) // BLOCK_M, -1)  # (no negative division: it truncates)
+    if CAUSAL:
+        lo = tl.maximum(kb_v * BLOCK, 0) // BLOCK_M
+        hi = tl.where(long, q_tile_hi, near_hi)
+    else:
+        lo = tl.where(long, q_tile_lo, tl.maximum((kb_v - local + 1) * BLOCK, 0) // BLOCK_M)
+        hi = tl.where(long, q_tile_hi, near_hi)
+    return tl.maximum(lo, q_tile_lo), tl.where(kb_abs >= 0, tl.minimum(hi, q_tile_hi), -1)
