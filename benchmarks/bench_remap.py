@@ -51,6 +51,50 @@ def _time(fn, reps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _rank_by_rank(a, seq: int, heads: int, kv_heads: int, reference: bool):
+    """Every rank's chunks through the remap and the table path (and the reference): the table's rows."""
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    pattern = local_stride(heads, seq, a.block, a.local, a.stride, num_kv_heads=kv_heads)
+    base = "reference" if reference else "tables"
+    for rank in range(a.world):
+        t0 = time.time()
+        plan = _plan_for(pattern, seq, a.world, rank, heads, kv_heads, True)
+        plan_s = time.time() - t0
+        for i, chunk in enumerate(plan.chunks):
+            g = torch.Generator(device=dev).manual_seed(rank * 10 + i)
+            sq = chunk.rows.stop - chunk.rows.start
+            q, dout = (torch.randn(1, sq, heads, a.head_dim, device=dev, dtype=dtype, generator=g) for _ in range(2))
+            k, v = (torch.randn(1, chunk.width, kv_heads, a.head_dim, device=dev, dtype=dtype, generator=g)
+                    for _ in range(2))
+            assert remap_layout(chunk.key_blocks, chunk.a, sq, chunk.width, a.block) is not None
+            paths = {
+                "remap": lambda *x: remapped_attention(*x, pattern, chunk.key_blocks, chunk.a, return_lse=True),
+                "tables": lambda *x: remapped_attention(*x, pattern, chunk.key_blocks, chunk.a, return_lse=True,
+                                                        via_tables=True),
+            }
+            if reference:
+                paths["reference"] = lambda *x: reference_attention_remapped(
+                    *x, pattern, chunk.key_blocks, chunk.a, return_lse=True)
+            results = {name: _step(fn, q, k, v, dout, True) for name, fn in paths.items()}
+            for name, fn in paths.items():
+                if name == base:
+                    continue
+                times = "– | –"
+                if not reference:
+                    fwd = _time(lambda: _step(fn, q, k, v, dout, False), a.reps)
+                    both = _time(lambda: _step(fn, q, k, v, dout, True), a.reps)
+                    times = f"{fwd:.2f} | {both:.2f}"
+                errs = ", ".join(f"{_rel(x, y):.1e}" for x, y in zip(results[name], results[base]))
+                print(f"| {seq} | {heads}/{kv_heads} | {rank} | {i} (plan {plan_s:.1f} s) | {name} | {base} | {times} | "
+                      f"{errs} |", flush=True)
+            if not reference:  # the table path timed too, after the remap (the same inputs)
+                fn = paths["tables"]
+                fwd = _time(lambda: _step(fn, q, k, v, dout, False), a.reps)
+                both = _time(lambda: _step(fn, q, k, v, dout, True), a.reps)
+                print(f"| {seq} | {heads}/{kv_heads} | {rank} | {i} (plan {plan_s:.1f} s) | tables | – | {fwd:.2f} | "
+                      f"{both:.2f} | – |", flush=True)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seq", type=int, nargs="+", default=[131072, 524288])
@@ -62,40 +106,18 @@ def main(argv=None) -> None:
     ap.add_argument("--local", type=int, default=8)
     ap.add_argument("--stride", type=int, default=16)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--reference", action="store_true", help="also the PyTorch reference (memory permitting)")
+    ap.add_argument("--reference", action="store_true",
+                    help="also check both paths against the PyTorch reference (untimed), on --reference-heads heads")
+    ap.add_argument("--reference-heads", type=int, nargs=2, default=[4, 2], metavar=("HEADS", "KV_HEADS"),
+                    help="the reference's heads and kv heads (its fp32 scores cost time and memory per head)")
     a = ap.parse_args(argv)
-    dev, dtype = torch.device("cuda"), torch.bfloat16
-    print("| tokens | rank | chunk | path | fwd ms | fwd+bwd ms | max rel err vs tables (out, lse, dq, dk, dv) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| tokens | heads / kv | rank | chunk | path | against | fwd ms | fwd+bwd ms | "
+          "max rel err (out, lse, dq, dk, dv) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for seq in a.seq:
-        pattern = local_stride(a.heads, seq, a.block, a.local, a.stride, num_kv_heads=a.kv_heads)
-        for rank in range(a.world):
-            t0 = time.time()
-            plan = _plan_for(pattern, seq, a.world, rank, a.heads, a.kv_heads, True)
-            plan_s = time.time() - t0
-            for i, chunk in enumerate(plan.chunks):
-                g = torch.Generator(device=dev).manual_seed(rank * 10 + i)
-                sq = chunk.rows.stop - chunk.rows.start
-                q, dout = (torch.randn(1, sq, a.heads, a.head_dim, device=dev, dtype=dtype, generator=g)
-                           for _ in range(2))
-                k, v = (torch.randn(1, chunk.width, a.kv_heads, a.head_dim, device=dev, dtype=dtype, generator=g)
-                        for _ in range(2))
-                assert remap_layout(chunk.key_blocks, chunk.a, sq, chunk.width, a.block) is not None
-                paths = {
-                    "remap": lambda *x: remapped_attention(*x, pattern, chunk.key_blocks, chunk.a, return_lse=True),
-                    "tables": lambda *x: remapped_attention(*x, pattern, chunk.key_blocks, chunk.a, return_lse=True,
-                                                            via_tables=True),
-                }
-                if a.reference:
-                    paths["reference"] = lambda *x: reference_attention_remapped(
-                        *x, pattern, chunk.key_blocks, chunk.a, return_lse=True)
-                results = {name: _step(fn, q, k, v, dout, True) for name, fn in paths.items()}
-                for name, fn in paths.items():
-                    fwd = _time(lambda: _step(fn, q, k, v, dout, False), a.reps)
-                    both = _time(lambda: _step(fn, q, k, v, dout, True), a.reps)
-                    errs = ", ".join(f"{_rel(x, y):.1e}" for x, y in zip(results[name], results["tables"]))
-                    print(f"| {seq} | {rank} | {i} (plan {plan_s:.1f} s) | {name} | {fwd:.2f} | {both:.2f} | {errs} |",
-                          flush=True)
+        _rank_by_rank(a, seq, a.heads, a.kv_heads, reference=False)
+        if a.reference:
+            _rank_by_rank(a, seq, *a.reference_heads, reference=True)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,9 @@ def read_run(path: Path) -> Run:
     except (OSError, ValueError, KeyError):
         run.missing.append("needle.csv")
     run.metrics = run_metrics(row, run.log, run.needle, run.args.get("seq_len"))
+    if run.meta.get("jobs", 1) > 1:  # trained beside other runs on one GPU: its speed is not the variant's
+        for key in ("tps", "tps_train"):
+            run.metrics.pop(key, None)
     return run
 
 
@@ -309,6 +312,10 @@ def setup_lines(runs: list[Run]) -> list[str]:
             seen = sorted({f"{m.get('device')}, torch {m.get('torch')}, triton {m.get('triton')}, transformers "
                            f"{m.get('transformers')}" for m in metas})
             lines += ["", "Machines: " + "; ".join(seen) + "."]
+            shared_gpu = sorted(r.path.name for r in runs if r.meta.get("jobs", 1) > 1)
+            if shared_gpu:
+                lines += ["", f"Tokens/s only from runs that had the GPU alone: {', '.join(shared_gpu)} trained "
+                          "beside other runs on one GPU (`JOBS` > 1), so their speed is left out."]
     if differ:
         lines += ["", "**Warning**: the runs differ in " + ", ".join(
             f"{k} ({', '.join(sorted({json.dumps(r.args.get(k)) for r in runs if r.args}))})" for k in differ) +

@@ -22,8 +22,9 @@
 # (RUNS=homo-s0,dense-s1: those, in that order; VARIANTS and SEEDS are then ignored). BUDGET_S: start a
 # run only if it should end within this many seconds of the script's start (the estimate: the longest
 # finished run of that variant in $RESULTS, else EST_S); 0 = no limit. BUNDLE=path.tar.gz: after each run,
-# that file holds every run directory finished in this call (one file to carry back). Settings are
-# environment variables or NAME=value arguments:
+# that file holds every run directory finished in this call (one file to carry back). JOBS=N: up to N runs at
+# once on the one GPU (the model is small, so they share it well); run.json records it, and the aggregation
+# takes tokens/s only from runs with JOBS=1. Settings are environment variables or NAME=value arguments:
 #
 #   bash benchmarks/train_quality_seeds.sh VARIANTS=dense,hhst SEEDS=0 BUDGET_S=530 BUNDLE=$OUT/runs.tar.gz
 #
@@ -32,7 +33,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-KNOWN=" PYTHON RESULTS WORK RUNS VARIANTS SEEDS BUDGET_S EST_S BUNDLE DEVICE SEQ MIN_LEN BATCH STEPS LR TASK LOSS \
+KNOWN=" PYTHON RESULTS WORK RUNS VARIANTS SEEDS JOBS BUDGET_S EST_S BUNDLE DEVICE SEQ MIN_LEN BATCH STEPS LR TASK LOSS \
 D_MODEL LAYERS HEADS KV_HEADS DENSE_LAYERS LOCAL STRIDE BLOCK EVAL_TOKENS EVAL_LENGTHS NEEDLE_LENGTHS NEEDLE_DEPTHS \
 NEEDLE_SAMPLES NEEDLE_BATCH "
 for arg in "$@"; do
@@ -47,7 +48,7 @@ PY=${PYTHON:-python3}
 RESULTS=${RESULTS:-benchmarks/results/train_quality_seeds}
 WORK=${WORK:-${TMPDIR:-/tmp}/s2attn-train-quality-seeds}
 VARIANTS=${VARIANTS:-dense,hhst,homo} SEEDS=${SEEDS:-0,1,2} RUNS=${RUNS:-}
-BUDGET_S=${BUDGET_S:-0} EST_S=${EST_S:-240} BUNDLE=${BUNDLE:-}
+JOBS=${JOBS:-1} BUDGET_S=${BUDGET_S:-0} EST_S=${EST_S:-240} BUNDLE=${BUNDLE:-}
 DEVICE=${DEVICE:-cuda}
 SEQ=${SEQ:-8192} MIN_LEN=${MIN_LEN:-64} BATCH=${BATCH:-4} STEPS=${STEPS:-3200} LR=${LR:-2e-3}
 TASK=${TASK:-passkey} LOSS=${LOSS:-answer}
@@ -63,11 +64,15 @@ rm -rf "$RESULTS"/*.partial  # runs killed part-way in an earlier call
 MODEL=(--d-model "$D_MODEL" --layers "$LAYERS" --heads "$HEADS" --kv-heads "$KV_HEADS" --dense-layers "$DENSE_LAYERS"
        --local "$LOCAL" --stride "$STRIDE" --block-size "$BLOCK")
 
-estimate() {  # seconds a run of variant $1 should take: the longest finished one in $RESULTS, else $EST_S
-  "$PY" - "$EST_S" "$RESULTS/$1"-s*/run.json <<'EOF'
+estimate() {  # seconds a run of variant $1 should take: the longest finished one in $RESULTS that ran with as
+  # many JOBS, else the longest alone times JOBS, else $EST_S
+  "$PY" - "$EST_S" "$JOBS" "$RESULTS/$1"-s*/run.json <<'EOF'
 import json, sys
-print(round(max([json.load(open(f))["wall_s"] for f in sys.argv[2:] if not f.endswith("*/run.json")] or
-                [float(sys.argv[1])])))
+jobs = int(sys.argv[2])
+runs = [json.load(open(f)) for f in sys.argv[3:] if not f.endswith("*/run.json")]
+same = [r["wall_s"] for r in runs if r.get("jobs", 1) == jobs]
+alone = [r["wall_s"] * jobs for r in runs if r.get("jobs", 1) == 1]
+print(round(max(same or alone or [float(sys.argv[1])])))
 EOF
 }
 
@@ -85,24 +90,9 @@ for name in ${RUNS//,/ }; do
   fi
 done
 
-start=$(date +%s)
-finished=() skipped=() over_budget=()
-for name in ${RUNS//,/ }; do
-  variant=${name%-s*} seed=${name##*-s}
-  if [[ -d $RESULTS/$name ]]; then
-    skipped+=("$name")
-    continue
-  fi
-  if ((BUDGET_S > 0)); then
-    est=$(estimate "$variant") elapsed=$(($(date +%s) - start))
-    if ((elapsed + est > BUDGET_S)); then
-      echo "== $name: not started, ~${est} s from ${elapsed} s would pass BUDGET_S=$BUDGET_S"
-      over_budget+=("$name")
-      continue
-    fi
-  fi
-  echo "== $name"
-  run=$RESULTS/$name.partial work=$WORK/$name
+one_run() {  # train and evaluate run $1 (<variant>-s<seed>) into $RESULTS/$1
+  local name=$1 variant=${1%-s*} seed=${1##*-s}
+  local run=$RESULTS/$1.partial work=$WORK/$1
   rm -rf "$work"
   mkdir -p "$run" "$work"
   TRAIN=(train --variants "$variant" --seed "$seed" --task "$TASK" --loss "$LOSS" --seq-len "$SEQ"
@@ -112,7 +102,7 @@ for name in ${RUNS//,/ }; do
           --depths "$NEEDLE_DEPTHS" --samples "$NEEDLE_SAMPLES" --batch-size "$NEEDLE_BATCH" --device "$DEVICE"
           --out "$run")
   # train and needle in one process: one interpreter start and CUDA initialisation a run, not two
-  PYTHONUNBUFFERED=1 PYTHONPATH=. "$PY" - "$variant" "$seed" "$run" "${TRAIN[@]}" -- "${NEEDLE[@]}" <<'EOF' \
+  PYTHONUNBUFFERED=1 PYTHONPATH=. "$PY" - "$variant" "$seed" "$run" "$JOBS" "${TRAIN[@]}" -- "${NEEDLE[@]}" <<'EOF' \
     2>&1 | tee "$run/run.log"
 import json, platform, shlex, shutil, subprocess, sys, time
 from pathlib import Path
@@ -121,9 +111,9 @@ import torch
 
 from s2attn.apps.cli import main
 
-variant, seed, run = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+variant, seed, run, jobs = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
 cut = sys.argv.index("--")
-train, needle = sys.argv[4:cut], sys.argv[cut + 1:]
+train, needle = sys.argv[5:cut], sys.argv[cut + 1:]
 t0 = time.time()
 if main(train) or main(needle):
     sys.exit(1)
@@ -140,7 +130,7 @@ for module in ("triton", "transformers"):
 git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
 dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
 cuda = "cuda" in train[train.index("--device") + 1]
-record = {"variant": variant, "seed": seed, "wall_s": round(t1 - t0, 1),
+record = {"variant": variant, "seed": seed, "wall_s": round(t1 - t0, 1), "jobs": jobs,
           "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)),
           "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu", **versions,
           "commit": (git.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")) or None,
@@ -149,11 +139,56 @@ record = {"variant": variant, "seed": seed, "wall_s": round(t1 - t0, 1),
 print(f"{variant} seed {seed}: {t1 - t0:.0f} s")
 EOF
   mv "$run" "$RESULTS/$name"
-  finished+=("$name")
-  if [[ -n $BUNDLE ]]; then
-    tar czf "$BUNDLE" -C "$RESULTS" "${finished[@]}"
+}
+
+finished_runs() {  # the runs started in this call that are finished, one a line
+  local name
+  for name in "${started[@]}"; do
+    if [[ -d $RESULTS/$name ]]; then echo "$name"; fi
+  done
+}
+
+bundle() {  # $BUNDLE: every run directory finished in this call
+  local done
+  mapfile -t done < <(finished_runs)
+  if [[ -n $BUNDLE && ${#done[@]} -gt 0 ]]; then
+    tar czf "$BUNDLE" -C "$RESULTS" "${done[@]}"
+  fi
+}
+
+start=$(date +%s)
+started=() skipped=() over_budget=()
+for name in ${RUNS//,/ }; do
+  if [[ -d $RESULTS/$name ]]; then
+    skipped+=("$name")
+    continue
+  fi
+  while (($(jobs -rp | wc -l) >= JOBS)); do
+    wait -n || true
+    bundle
+  done
+  if ((BUDGET_S > 0)); then
+    est=$(estimate "${name%-s*}") elapsed=$(($(date +%s) - start))
+    if ((elapsed + est > BUDGET_S)); then
+      echo "== $name: not started, ~${est} s from ${elapsed} s would pass BUDGET_S=$BUDGET_S"
+      over_budget+=("$name")
+      continue
+    fi
+  fi
+  echo "== $name"
+  started+=("$name")
+  if ((JOBS > 1)); then
+    one_run "$name" > /dev/null &  # its output is in its run.log
+  else
+    one_run "$name"
   fi
 done
+while (($(jobs -rp | wc -l) > 0)); do
+  wait -n || true
+  bundle
+done
+bundle
+mapfile -t finished < <(finished_runs)
 
 echo "== $(($(date +%s) - start)) s: finished ${finished[*]:-none}; already there ${skipped[*]:-none}; left for" \
      "another call ${over_budget[*]:-none}"

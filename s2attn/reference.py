@@ -8,6 +8,7 @@ computed in fp32; fp64 inputs are computed in fp64 (that is how tests get a grou
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from .patterns import BlockPattern
 
@@ -86,22 +87,32 @@ def attend_remapped(
     group = h // hk
     B = pattern.block_size
     pattern_heads = torch.arange(h) if pattern.num_heads is not None else torch.zeros(h, dtype=torch.long)
-    s = torch.arange(sk)
+    s = torch.arange(sk, device=q.device)
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     outs, lses = [], []
     for g in range(hk):
-        kb = key_blocks[g].to("cpu", torch.long)[s // B]
-        kpos = kb * B + s % B
+        blocks = key_blocks[g].to("cpu", torch.long)  # the absolute block of each packed key block
+        kpos = blocks.to(q.device)[s // B] * B + s % B
         heads = pattern_heads[g * group:(g + 1) * group, None, None]
         k_g, v_g = (x[:, g:g + 1].expand(b, group, sk, x.shape[-1]) for x in (k, v))
         outs_g, lses_g = [], []
         for start in range(0, max(sq, 1), chunk_size):  # no queries: one empty chunk, as in attend
-            qpos = torch.arange(query_start + start, query_start + min(start + chunk_size, sq))
-            allowed = pattern.allows(heads, (qpos // B)[None, :, None], kb.clamp(min=0)[None, None, :])
-            allowed = allowed & (kb >= 0)[None, None, :]
-            if causal:
-                allowed = allowed & (kpos[None, None, :] <= qpos[None, :, None])
-            out, lse = _masked_softmax(q[:, g * group:(g + 1) * group, start:start + len(qpos)], k_g, v_g,
-                                       allowed.to(q.device), softmax_scale)
+            qpos = torch.arange(query_start + start, query_start + min(start + chunk_size, sq), device=q.device)
+            first = (query_start + start) // B
+            qb = torch.arange(first, (query_start + start + len(qpos) - 1) // B + 1)
+            # the rule per (query block, packed key block), small and on the CPU; spread over tokens on the device
+            rule = pattern.allows(heads, qb[None, :, None], blocks.clamp(min=0)[None, None, :]) & (blocks >= 0)
+
+            def chunk(q_c, k_g, v_g, rule=rule.to(q.device), qpos=qpos):
+                allowed = rule[:, qpos // B - first][:, :, s // B]
+                if causal:
+                    allowed = allowed & (kpos[None, None, :] <= qpos[None, :, None])
+                return _masked_softmax(q_c, k_g, v_g, allowed, softmax_scale)
+
+            q_c = q[:, g * group:(g + 1) * group, start:start + len(qpos)]
+            # with gradients, each chunk's scores are recomputed in the backward rather than kept: memory of one
+            # chunk, not of the whole (sq, sk), so the reference reaches the lengths the kernels are checked at
+            out, lse = checkpoint(chunk, q_c, k_g, v_g, use_reentrant=False) if grad else chunk(q_c, k_g, v_g)
             outs_g.append(out)
             lses_g.append(lse)
         outs.append(torch.cat(outs_g, 2))

@@ -16,8 +16,8 @@ case ${1:-} in
     rm -rf .whl/fa4-1 .whl/fa4-2 && mkdir -p .whl/fa4-1 .whl/fa4-2
     for w in .whl/*.whl; do
       name=$(basename "$w")
-      if (( $(stat -c %s "$w") > 60 * 1024 * 1024 )); then
-        split -b 60M "$w" ".whl/fa4-1/$name.part-"
+      if (( $(stat -c %s "$w") > 56 * 1024 * 1024 )); then
+        split -b 56M "$w" ".whl/fa4-1/$name.part-"
         for p in .whl/fa4-1/"$name".part-a[!a]; do mv "$p" .whl/fa4-2/; done
       else
         cp "$w" .whl/fa4-2/
