@@ -17,6 +17,14 @@ one prompt; decode = a ``max_tokens=1 + N`` call minus the ``max_tokens=1`` call
 heads, shuffled block table) at 32k / 128k, batch 1 and 32; bandwidth counts the K and V bytes of the
 pages each kv head's pattern reads, next to a device-to-device copy in the same run (read + write).
 Prints markdown tables; ``--out`` writes JSON.
+
+On the GPU machine (no internet) vLLM 0.22.1 travels as wheels: ``scripts/vllm_wheels.sh`` (its header has
+the three device calls, each carrying one part, ``.whl/vllm-1`` .. ``-3``). After the third call's
+``bash scripts/vllm_wheels.sh install``, run with ``PYTHONPATH=$(bash scripts/vllm_wheels.sh path):$PWD``.
+Leave ``VLLM_ENABLE_V1_MULTIPROCESSING`` unset for the end-to-end runs: the engine core then lives in a
+child process and ``del llm`` gives its GPU memory back before the dense engine starts. ``--tiny`` on a GPU
+never selects the s2attn backend (it relies on the CPU platform's slot); a GPU smoke test is a short real
+run, e.g. ``--contexts 2048 --new-tokens 8``.
 """
 
 from __future__ import annotations

@@ -26,17 +26,23 @@
 #       Found by importing vLLM's CUDA path on a CPU machine (CudaPlatform forced, libcuda stubbed) with torch
 #       2.11.0 and the image's package versions until nothing was missing, then vllm.LLM up to the GPU worker.
 #
-# Three device calls, back to back (the machine keeps ignored files only while warm: 30 s idle), each carrying
-# one part (each part <= 56 MiB, the repo ~5 MiB):
+# Three device calls, back to back (a machine keeps ignored files only while warm: 30 s idle after a call), each
+# carrying one part (parts <= 56 MiB; the tracked tree adds ~4 MiB; the limit is 64 MiB):
 #   here:     bash scripts/vllm_wheels.sh fetch && bash scripts/vllm_wheels.sh slim && bash scripts/vllm_wheels.sh split
-#   device 1: carry [".whl/vllm-1"]   command: ls -la .whl/vllm-1
-#   device 2: carry [".whl/vllm-2"]   command: ls -la .whl/vllm-1 .whl/vllm-2
-#   device 3: carry [".whl/vllm-3"]   command:
-#     bash scripts/vllm_wheels.sh install && export PYTHONPATH=$(bash scripts/vllm_wheels.sh path):$PWD \
-#       VLLM_ENABLE_V1_MULTIPROCESSING=0 && python3 benchmarks/bench_vllm.py --kernel --out $OUT/kernel.json && ...
-# (the install is ~20 s; it leaves .whl/vllm-site/ there, so later calls on the same warm machine need no carry:
-#  start them with `export PYTHONPATH=$(bash scripts/vllm_wheels.sh path):$PWD VLLM_ENABLE_V1_MULTIPROCESSING=0`.)
-# If the machine went cold between calls, `install` says which part is missing: start again at device 1.
+#   device 1: carry [".whl/vllm-1"]  ls -l .whl/vllm-1   (or anything without vLLM, e.g.
+#             python3 benchmarks/bench_vllm.py --kernel | tee $OUT/kernel.md   -- no --out: it imports vllm)
+#   device 2: carry [".whl/vllm-2"]  ls -l .whl/vllm-1 .whl/vllm-2
+#   device 3: carry [".whl/vllm-3"]
+#     set -o pipefail; bash scripts/vllm_wheels.sh install || exit 1
+#     export PYTHONPATH=$(bash scripts/vllm_wheels.sh path):$PWD
+#     python3 benchmarks/bench_vllm.py --contexts 2048 --new-tokens 8 2>&1 | tee $OUT/smoke.log    # both engines
+#     then the real runs (bench_vllm.py --out $OUT/vllm.json ...), in this call or later ones on the warm machine:
+#     .whl/vllm-site/ stays there while warm, so a later call needs no carry, only the `export PYTHONPATH=...`.
+# If the machine went cold between calls, `install` fails at `join` (a part missing): start again at device 1.
+# Environment: nothing is required. VLLM_ENABLE_V1_MULTIPROCESSING=0 (engine core in-process) works too, but
+# bench_vllm.py builds two engines in one process and an in-process engine may keep its GPU memory after
+# `del llm`, so leave it unset there. attention_backend="CUSTOM" picks s2attn; no backend named picks FLASH_ATTN
+# (FA3) on Hopper; "TRITON_ATTN" is the other dense backend that needs nothing more.
 #
 # `install` also writes a one-entry-point dist-info (s2attn's `vllm.general_plugins` entry point from
 # pyproject.toml) into the target: the repo is not pip-installed there and *.egg-info is git-ignored, so without
@@ -72,7 +78,7 @@ case ${1:-} in
       --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 -d "$DEPS" $PINS
     ls "$DEPS" | wc -l; du -sh "$DEPS" ;;
   slim)  # the vLLM wheel without what a Llama on Hopper never loads, RECORD to match, into .whl/vllm-slim/
-    [[ -f $ORIG ]] || { echo "missing $ORIG (python3 -m pip download --no-deps vllm==0.22.1 -d .whl/vllm)" >&2; exit 1; }
+    [[ -f $ORIG ]] || { echo "missing $ORIG (pip download --no-deps vllm==0.22.1 -d .whl/vllm)" >&2; exit 1; }
     rm -rf .whl/vllm-slim && mkdir -p .whl/vllm-slim && cp "$ORIG" "$SLIM"
     zip -q -d "$SLIM" "${DROP[@]}"
     FA3=$FA3 python3 - "$SLIM" <<'EOF'
@@ -119,16 +125,18 @@ EOF
       done
       [[ -n $placed ]] || { n=$((n + 1)); mkdir -p .whl/vllm-$n; cp "$w" .whl/vllm-$n/; }
     done
-    for d in $(parts); do echo "$d $(du -sb "$d" | cut -f1) bytes ($(du -sh "$d" | cut -f1)), $(ls "$d" | wc -l) files"; done ;;
+    for d in $(parts); do echo "$d: $(du -sb "$d" | cut -f1) bytes, $(ls "$d" | wc -l) files"; done ;;
   join)  # into .whl/vllm-joined/: the wheel put back together, and every dependency wheel
     rm -rf .whl/vllm-joined && mkdir -p .whl/vllm-joined
     n=$(ls .whl/vllm-[0-9]*/*.part-* 2>/dev/null | sed 's/.*part-//' | sort -u | wc -l)
     have=$(ls .whl/vllm-[0-9]*/"$NAME".part-* 2>/dev/null | wc -l)
     [[ $have -ge 1 && $have -eq $n ]] || { echo "parts of $NAME: $have; carried: $(parts | tr '\n' ' ')" >&2; exit 1; }
-    cat $(ls .whl/vllm-[0-9]*/"$NAME".part-* | awk -F'part-' '{print $2" "$0}' | sort | cut -d' ' -f2) > .whl/vllm-joined/$NAME
+    # shellcheck disable=SC2046  # in suffix order (aa, ab, ...), whichever part folder holds each
+    cat $(ls .whl/vllm-[0-9]*/"$NAME".part-* | awk -F'part-' '{print $2" "$0}' | sort | cut -d' ' -f2) \
+      > .whl/vllm-joined/$NAME
     cp $(ls .whl/vllm-[0-9]*/*.whl) .whl/vllm-joined/
-    python3 -c "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); bad = z.testzip(); sys.exit(f'corrupt member {bad}' if bad else 0)" \
-      .whl/vllm-joined/$NAME || { echo "$NAME does not join: a part is missing or stale (machine went cold?)" >&2; exit 1; }
+    python3 -c "import sys, zipfile; sys.exit(zipfile.ZipFile(sys.argv[1]).testzip())" .whl/vllm-joined/$NAME ||
+      { echo "$NAME does not join: a part is missing or stale (machine went cold?)" >&2; exit 1; }
     ls .whl/vllm-joined | wc -l ;;
   install)  # join, pip install --no-deps into $TARGET, the plugin's entry point, one import check
     bash "$0" join > /dev/null
@@ -136,17 +144,18 @@ EOF
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check \
       --target "$TARGET" .whl/vllm-joined/*.whl
     mkdir -p "$TARGET/s2attn_vllm_plugin-0.0.dist-info"
-    printf 'Metadata-Version: 2.1\nName: s2attn-vllm-plugin\nVersion: 0.0\n' > "$TARGET/s2attn_vllm_plugin-0.0.dist-info/METADATA"
-    printf '[vllm.general_plugins]\ns2attn = s2attn.integrations.vllm:register\n' \
-      > "$TARGET/s2attn_vllm_plugin-0.0.dist-info/entry_points.txt"
+    info=$TARGET/s2attn_vllm_plugin-0.0.dist-info
+    printf 'Metadata-Version: 2.1\nName: s2attn-vllm-plugin\nVersion: 0.0\n' > "$info/METADATA"
+    printf '[vllm.general_plugins]\ns2attn = s2attn.integrations.vllm:register\n' > "$info/entry_points.txt"
     rm -rf .whl/vllm-joined
     PYTHONPATH=$(bash "$0" path):$PWD python3 -c "
 import importlib.metadata as m, vllm, vllm._C, vllm._C_stable_libtorch
 from vllm import LLM
-print('vllm', vllm.__version__, vllm.__file__, 'plugins:', [e.value for e in m.entry_points(group='vllm.general_plugins')])" ;;
+print('vllm', vllm.__version__, vllm.__file__,
+      'plugins:', [e.value for e in m.entry_points(group='vllm.general_plugins')])" ;;
   path)
     echo "$PWD/$TARGET" ;;
   *)
-    echo "usage: bash scripts/vllm_wheels.sh fetch|slim|split|join|install|path   (VLLM_FA3=0: 2 parts, no FLASH_ATTN)" >&2
+    echo "usage: bash scripts/vllm_wheels.sh fetch|slim|split|join|install|path  (VLLM_FA3=0: 2 parts, no FA3)" >&2
     exit 2 ;;
 esac
