@@ -1,13 +1,13 @@
-"""Warp-specialised backward kernels for Hopper GPUs (Gluon): the dK/dV long pass, and dQ.
+"""Warp-specialised kernels for Hopper GPUs (Gluon): the backward's dK/dV long pass and dQ, and the forward.
 
 Same work and same outputs as their Triton twins in :mod:`s2attn.kernels.attention`
 (``_attn_bwd_dkdv_long``: fp32 partial sums of the long columns' full query tiles; ``_attn_bwd_dq`` on
-the rule path: dQ and delta), with the roles split across warps instead of every warp doing everything
-in lockstep at CTA barriers:
+the rule path: dQ and delta; ``_attn_fwd`` on the rule path: out and lse), with the roles split across warps
+instead of every warp doing everything in lockstep at CTA barriers:
 
 * one *loader* warp streams tiles through TMA into a ring of shared-memory stages (the long pass: Q and
-  dO tiles of 64 queries with their lse and delta rows; dQ: K and V tiles of 64 keys) and signals each one
-  ready on an mbarrier;
+  dO tiles of 64 queries with their lse and delta rows; dQ: K and V tiles of 64 keys; the forward: K and V
+  tiles of 128 keys, each in its own ring) and signals each one ready on an mbarrier;
 * two *compute* warpgroups each own 64 rows (long pass: key rows, with their K, V, dK and dV; dQ: query
   rows, with their Q, dO and dQ). They share the ring but nothing else, so neither waits for the other:
   while one computes ``exp2`` and dS, the other's products keep the tensor cores busy. Each releases a
@@ -17,9 +17,11 @@ In the long pass a warpgroup skips the query tiles before its first column opens
 blocks under 64 its rows span several columns, and a row is masked until its own column opens. The Triton
 kernels stay the reference, and the path everywhere else: other GPUs, the CPU interpreter, packed
 sequences, mask tables, head dims other than 64 and 128, fp32 (see ``launch._hopper_descriptors``); and
-for dQ, pattern blocks under 64 and up to 32k keys, where Triton's tiles are faster.
+for dQ, pattern blocks under 64 and up to 32k keys, where Triton's tiles are faster; the forward unless asked
+for (``plan_overrides(warp_specialised={"fwd": True})``: not yet timed on a GPU).
 """
 
+import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
@@ -30,6 +32,18 @@ from .rule import (LOG2E_C, column_block, first_congruent, head_rule, keys_ok, l
                    rows_allowed, tile_ok)
 
 ROWS = gl.constexpr(64)  # rows a compute warpgroup owns (one wgmma M)
+
+
+@triton.constexpr_function
+def _acc_layout(n):
+    """Registers of a compute warpgroup's ``ROWS x n`` wgmma accumulator."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
+
+
+@triton.constexpr_function
+def _operand_layout(n):
+    """Registers of a 16-bit left operand (P, dS) of a wgmma whose accumulator is ``ROWS x n``."""
+    return gl.DotOperandLayout(operand_index=0, parent=_acc_layout(n), k_width=2)
 
 
 @gluon.jit
@@ -102,11 +116,9 @@ def _compute(q_bufs, do_bufs, k_bufs, v_bufs, lse_bufs, delta_bufs, ready, empty
     stages: gl.constexpr = q_bufs.type.shape[0]
     dtype: gl.constexpr = q_bufs.dtype
     RPC: gl.constexpr = ROWS if BLOCK > ROWS else BLOCK  # rows of one column here
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_M, 16])
-    d_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=d_layout, k_width=2)
+    s_layout: gl.constexpr = _acc_layout(BLOCK_M)
+    d_layout: gl.constexpr = _acc_layout(HEAD_DIM)
+    a_layout: gl.constexpr = _operand_layout(HEAD_DIM)
     # where each key row's column opens (causal): rows of later columns are masked in the tiles between
     offs_k = gl.arange(0, ROWS, gl.SliceLayout(1, s_layout))
     row_open = long_open_tile(column_block(c_first + offs_k // RPC, first, stride, dense), q_tile_lo, BLOCK=BLOCK,
@@ -219,6 +231,15 @@ def _attn_bwd_dkdv_long_ws(
 
 # --------------------------------------------------------------------------- query-major: dQ and the forward
 @gluon.jit
+def _query_tile(seqlen_q, seqlen_k, TILE: gl.constexpr):
+    """This program's tile of ``TILE`` queries (the last, the longest, first), where the queries start among the
+    keys (``q_off``), and whether the tile holds any."""
+    q_off = seqlen_k - seqlen_q
+    tile = (seqlen_k - 1) // TILE - gl.program_id(0)
+    return tile, q_off, tile >= q_off // TILE
+
+
+@gluon.jit
 def _query_tile_blocks(tile, len_k, h, local, stride, step, offset, heads_per_group, head_base, sparse_groups,
                        homogeneous, TILE: gl.constexpr, BLOCK: gl.constexpr, CAUSAL: gl.constexpr):
     """Head ``h``'s rule ``(shift, dense)``; the key blocks a tile of ``TILE`` queries (tile ``tile``) reads, as its
@@ -294,11 +315,9 @@ def _dq_compute(q_bufs, do_bufs, k_bufs, v_bufs, qdo_ready, ready, empty, O, DO,
     dtype: gl.constexpr = k_bufs.dtype
     KEYS: gl.constexpr = k_bufs.type.shape[2]
     NSUB: gl.constexpr = BLOCK // KEYS
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, KEYS, 16])
-    d_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=d_layout, k_width=2)
+    s_layout: gl.constexpr = _acc_layout(KEYS)
+    d_layout: gl.constexpr = _acc_layout(HEAD_DIM)
+    a_layout: gl.constexpr = _operand_layout(HEAD_DIM)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     # delta = rowsum(dO * O) - dlse, for the dK/dV kernels too
     q_pos_d = q_first + gl.arange(0, ROWS, gl.SliceLayout(1, d_layout))
@@ -360,9 +379,8 @@ def _attn_bwd_dq_ws(
     b = gl.program_id(2)
     len_q = seqlen_q
     len_k = seqlen_k
-    q_off = len_k - len_q
-    tile = (len_k - 1) // TILE - gl.program_id(0)
-    if tile >= q_off // TILE:
+    tile, q_off, exists = _query_tile(len_q, len_k, TILE)
+    if exists:
         shift, dense, segs, n_blocks = _query_tile_blocks(
             tile, len_k, h, local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous,
             TILE=TILE, BLOCK=BLOCK, CAUSAL=CAUSAL)
@@ -503,11 +521,9 @@ def _fwd_compute(q_bufs, k_bufs, v_bufs, q_ready, ready, empty, turns, o_desc, L
     dtype: gl.constexpr = k_bufs.dtype
     BLOCK_N: gl.constexpr = k_bufs.type.shape[2]
     KEYS: gl.constexpr = BLOCK if BLOCK < BLOCK_N else BLOCK_N  # keys of one step (a TMA tile)
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    d_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=d_layout, k_width=2)
+    s_layout: gl.constexpr = _acc_layout(BLOCK_N)
+    d_layout: gl.constexpr = _acc_layout(HEAD_DIM)
+    a_layout: gl.constexpr = _operand_layout(HEAD_DIM)
     d_rows: gl.constexpr = gl.SliceLayout(1, d_layout)
     stride = segs[11]
     q_pos = q_first + gl.arange(0, ROWS, gl.SliceLayout(1, s_layout))
@@ -578,11 +594,9 @@ def _attn_fwd_ws(
     KEYS: gl.constexpr = k_desc.block_type.shape[1]
     h = gl.program_id(1)
     b = gl.program_id(2)
-    len_q = seqlen_q
     len_k = seqlen_k
-    q_off = len_k - len_q
-    tile = (len_k - 1) // TILE - gl.program_id(0)
-    if tile >= q_off // TILE:
+    tile, q_off, exists = _query_tile(seqlen_q, len_k, TILE)
+    if exists:
         shift, dense, segs, n_blocks = _query_tile_blocks(
             tile, len_k, h, local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous,
             TILE=TILE, BLOCK=BLOCK, CAUSAL=CAUSAL)
