@@ -34,7 +34,7 @@ except ImportError:  # no Gluon: no Gluon kernel is launched either
 
 from s2attn import ops
 from s2attn.kernels.decode import decode_attention
-from s2attn.kernels.plan import interpreting, plan_overrides
+from s2attn.kernels.plan import Tiles, interpreting, plan_overrides
 from s2attn.patterns import from_mask, local_stride
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -92,6 +92,21 @@ def _attention(shape, dtype, pattern, **kw):
         out = ops.attention(q, k, v, pattern, softmax_scale=d**-0.5, causal=pattern.causal, layout="bshd",
                             return_lse=False, force_kernel=True, **kw)
         out.backward(torch.randn_like(out))
+
+    return call
+
+
+def _forward_ws(shape, dtype, pattern, **settings):
+    """The forward alone, as the warp-specialised Gluon kernel (off by default: ``plan_overrides``), with
+    ``settings`` of :class:`~s2attn.kernels.plan.PlanOverrides` (its tiles, ping-pong)."""
+    b, s, h, hk, d = shape
+
+    def call():
+        q = torch.randn(b, s, h, d, dtype=dtype)
+        k, v = (torch.randn(b, s, hk, d, dtype=dtype) for _ in range(2))
+        with plan_overrides(warp_specialised={"fwd": True}, **settings):
+            ops.attention(q, k, v, pattern, softmax_scale=d**-0.5, causal=pattern.causal, layout="bshd",
+                          return_lse=False, force_kernel=True)
 
     return call
 
@@ -160,6 +175,13 @@ def configurations(quick: bool):
                                                                         local_stride(4, s, 64, 2, 3))
     yield "remapped keys, block 16, GQA, bidirectional", _remapped(
         4, 2, torch.bfloat16, local_stride(4, s, 16, 2, 3, num_kv_heads=2, causal=False))
+    # the Gluon forward (off by default) at every block and head dim it takes, causal and bidirectional
+    fwd_ws = [(64, 128, True), (16, 64, False)] if quick else [
+        (block, dim, causal) for block in (16, 32, 64, 128, 256) for dim in (128, 64) for causal in (True, False)]
+    for block, dim, causal in fwd_ws:
+        yield f"Gluon forward, block {block}, d{dim}{'' if causal else ', bidirectional'}", _forward_ws(
+            (1, s, 4, 2, dim), torch.bfloat16, local_stride(4, s, block, 2, 3, num_kv_heads=2, num_dense_heads=1,
+                                                            causal=causal))
     # decode: the serving default, and the largest pages (read in pieces that fit shared memory)
     yield "decode bf16, d128, page 64", _decode(64, 128, torch.bfloat16)
     for block, head_dim in ((128, 256), (256, 128), (256, 256)):
@@ -171,6 +193,11 @@ def configurations(quick: bool):
     yield "fp32, d128", _attention((1, s, 2, 2, 128), torch.float32, local_stride(2, s, 64, 2, 4))
     yield "packed sequences (varlen)", _packed([700, 1024, 300], 2, 128, torch.bfloat16,
                                                local_stride(2, 1024, 64, 2, 4))
+    yield "Gluon forward, 3 stages, fp16", _forward_ws((1, s, 2, 2, 128), torch.float16, local_stride(2, s, 64, 2, 4),
+                                                       ws_fwd_tiles=Tiles(128, 128, 4, 3))
+    yield "Gluon forward, 64-key tiles, no ping-pong", _forward_ws(
+        (1, s, 2, 2, 128), torch.bfloat16, local_stride(2, s, 64, 2, 4), ws_fwd_tiles=Tiles(128, 64, 4, 3),
+        ws_fwd_pingpong=False)
     yield "deterministic, block 32", _attention((1, s, 2, 2, 128), torch.bfloat16, local_stride(2, s, 32, 4, 8),
                                                 deterministic=True)
 

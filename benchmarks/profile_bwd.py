@@ -60,6 +60,10 @@ def main():
     variants = [("default", {}, {}), ("triton long pass", {}, triton_long), ("triton dq", {}, triton_dq),
                 ("ws dq stages3", {}, {"ws_dq_stages": 3}),
                 ("ws dq everywhere", {}, {"ws_dq_from": 0}), ("ws long stages3", {}, {"ws_tiles": T(64, 128, 12, 3)})]
+    ws_fwd = {"warp_specialised": {"fwd": True}}  # the Gluon forward (off by default), and its settings
+    variants += [("ws fwd", {}, ws_fwd), ("ws fwd no pingpong", {}, {**ws_fwd, "ws_fwd_pingpong": False}),
+                 ("ws fwd stages3", {}, {**ws_fwd, "ws_fwd_tiles": T(128, 128, 4, 3)}),
+                 ("ws fwd bn64 stages3", {}, {**ws_fwd, "ws_fwd_tiles": T(128, 64, 4, 3)})]
     for off in ("fwd", "dq", "dkdv"):  # one kernel back on plain loads
         variants.append((f"no TMA {off}", {}, {"use_tma": {off: False}, **(triton_dq if off == "dq" else {})}))
     for bm, bn, w, st in [(32, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 4)]:

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..kernels.plan import plan_overrides
 from ..patterns import BlockPattern, local_stride
 from .options import Parser, add_pattern_options, int_list, output_dir, pattern_options, positive_int
 
@@ -243,6 +244,9 @@ def build_parser() -> Parser:
     p.add_argument("--heads", type=positive_int, default=32, help="query heads (= kv heads)")
     p.add_argument("--head-dim", type=positive_int, default=128, help="head dimension")
     add_pattern_options(p, local=512, stride=16, dense_kv_heads=False)
+    p.add_argument("--gluon-forward", action="store_true",
+                   help="s2attn's forward as the warp-specialised Gluon kernel (sm_90; off by default: "
+                        "plan_overrides(warp_specialised={'fwd': True}))")
     p.add_argument("--quick", action="store_true", help="8k and 32k, s2attn and SDPA only")
     p.add_argument("--out", default="s2attn-bench", help="directory for results.json, results.md, plot.png")
     return p
@@ -257,13 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     seqlens = [8192, 32768] if a.quick else a.seqlens
     chosen = ["s2attn", "sdpa-flash", "sdpa-cudnn"] if a.quick else a.providers
     output_dir(a.out, "--out")
-    rows = run(seqlens, a.heads, a.head_dim, a.local, a.stride, a.block_size, chosen,
-               os.path.join(a.out, "results.json"))
+    with plan_overrides(warp_specialised={"fwd": a.gluon_forward}):
+        rows = run(seqlens, a.heads, a.head_dim, a.local, a.stride, a.block_size, chosen,
+                   os.path.join(a.out, "results.json"))
     md = table(rows)
     env = environment()
     header = (f"{env['gpu']}, torch {env['torch']}, Triton {env['triton']}, {env['date']}; "
               f"{a.heads} heads, d={a.head_dim}, bf16, causal, local {a.local}, stride {a.stride}, "
-              f"block {a.block_size}\n\n")
+              f"block {a.block_size}{', Gluon forward' if a.gluon_forward else ''}\n\n")
     with open(os.path.join(a.out, "results.md"), "w") as f:
         f.write(header + md + "\n")
     try:

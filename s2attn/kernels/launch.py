@@ -23,7 +23,7 @@ from .plan import GluonDescriptor, LaunchPlan, TensorDescriptor, gl, interpretin
 from .rule import LOG2E, KernelRule
 
 if GluonDescriptor is not None:
-    from .hopper import _attn_bwd_dkdv_long_ws, _attn_bwd_dq_ws
+    from .hopper import _attn_bwd_dkdv_long_ws, _attn_bwd_dq_ws, _attn_fwd_ws
 
 WS_MAXNREG = 168  # registers a thread of the warp-specialised kernels (the workers' are set at their launch)
 
@@ -91,16 +91,21 @@ def _long_order(n_tiles: int, n_sub: int, splits: int, chunk: int, col_blocks: i
     return torch.tensor(codes, dtype=torch.int32, device=device)
 
 
-def _hopper_descriptors(q, k, v, do, block: int) -> list:
-    """TMA descriptors ``(q, do, k, v)`` for the warp-specialised kernels: 64 rows a tile; k and v in tiles of a
-    block under 64 (where they apply: :func:`.plan.warp_specialised_blocker`)."""
-    dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+def _gluon_descriptors(rows: int, *xs: torch.Tensor) -> list:
+    """Gluon TMA descriptors of 16-bit ``(batch, seq, heads, dim)`` tensors in tiles of ``rows`` rows of one head
+    (where they apply: :func:`.plan.warp_specialised_blocker`)."""
     descs = []
-    for x, rows in ((q, 64), (do, 64), (k, min(block, 64)), (v, min(block, 64))):
+    for x in xs:
         tile = [1, rows, 1, x.shape[-1]]
-        descs.append(GluonDescriptor(x, list(x.shape), tma_strides(x), tile,
-                                     gl.NVMMASharedLayout.get_default_for(tile, dtype)))
+        layout = gl.NVMMASharedLayout.get_default_for(tile, gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16)
+        descs.append(GluonDescriptor(x, list(x.shape), tma_strides(x), tile, layout))
     return descs
+
+
+def _hopper_descriptors(q, k, v, do, block: int) -> list:
+    """TMA descriptors ``(q, do, k, v)`` for the warp-specialised backward kernels: 64 rows a tile; k and v in tiles
+    of a block under 64."""
+    return _gluon_descriptors(64, q, do) + _gluon_descriptors(min(block, 64), k, v)
 
 
 def _tma_rows(x: torch.Tensor, lead: int, copy: bool = True) -> torch.Tensor:
@@ -177,8 +182,17 @@ def forward(q, k, v, *, cu_q, cu_k, max_q, max_k, rule, rows, block, scale, caus
     out = _new_like(q, poison=plan.poison)
     lse = _new_like(q, (heads, q.shape[1]) if varlen else (batch, heads, q.shape[1]), torch.float32,
                     poison=plan.poison)
-    n_tiles = triton.cdiv(max_k, t.block_m)
     grid = (triton.cdiv(max_q, t.block_m) + 1, heads, batch)
+    if plan.fwd.warp_specialised:  # K and V in TMA tiles of a block, up to a whole key tile
+        _attn_fwd_ws[grid](
+            *_gluon_descriptors(64, q), *_gluon_descriptors(min(block, t.block_n), k, v), *_gluon_descriptors(64, out),
+            lse, *lse.stride()[:2], max_q, max_k, heads // k.shape[2], scale * LOG2E,
+            **rule.closed_form(), BLOCK=block, BLOCK_N=t.block_n, HEAD_DIM=head_dim, CAUSAL=causal,
+            STAGES=t.num_stages,
+            PINGPONG=plan.fwd.pingpong, num_warps=t.num_warps, maxnreg=WS_MAXNREG,
+        )
+        return out, lse
+    n_tiles = triton.cdiv(max_k, t.block_m)
     block_d = triton.next_power_of_2(head_dim)
     descs = _tma_pair(k, v, t.block_n, block_d) if plan.fwd.tma else (k, v)
     _attn_fwd[grid](

@@ -55,6 +55,9 @@ class Tiles:
 WS_TILES = Tiles(64, 128, 12, 2)
 WS_DQ_STAGES = 2
 WS_DQ_FROM = 32768  # the Gluon dQ past this many keys (below it Triton's 64-query tiles are faster)
+# the Gluon forward (off unless asked for: not yet timed on a GPU): 128 queries (64 a warpgroup) against tiles of 128
+# keys, K and V each in a ring of 2 stages (d128: 160 KiB of shared memory; 3 stages, 224 KiB, also fit)
+WS_FWD_TILES = Tiles(128, 128, 4, 2)
 
 
 def interpreting() -> bool:
@@ -111,7 +114,9 @@ class PlanOverrides:
 
     ``tiles``: kernel (``"fwd"``, ``"dq"``, ``"dkdv"``, ``"dkdv_long"``) -> :class:`Tiles`; ``use_tma``: kernel ->
     False for plain loads; ``warp_specialised``: ``"dq"`` / ``"dkdv_long"`` -> False for the Triton kernel on
-    Hopper; ``ws_tiles``, ``ws_dq_stages``, ``ws_dq_from``: the Gluon kernels' settings; ``dkdv_splits`` and
+    Hopper, ``"fwd"`` -> True for the Gluon forward (off by default); ``ws_tiles``, ``ws_dq_stages``,
+    ``ws_dq_from``, ``ws_fwd_tiles`` (keys a tile: 64 or 128; stages), ``ws_fwd_pingpong``: the Gluon kernels'
+    settings; ``dkdv_splits`` and
     ``dkdv_chunk``: how long columns are cut across programs; ``hopper``: plan as if the GPU were (not) an sm_90;
     ``poison``: outputs start as NaN, so an element no kernel writes fails a test; ``observe``: called with
     every plan made."""
@@ -122,6 +127,8 @@ class PlanOverrides:
     ws_tiles: Tiles = WS_TILES
     ws_dq_stages: int = WS_DQ_STAGES
     ws_dq_from: int = WS_DQ_FROM
+    ws_fwd_tiles: Tiles = WS_FWD_TILES
+    ws_fwd_pingpong: bool = True
     dkdv_splits: int = DKDV_SPLITS
     dkdv_chunk: int = DKDV_CHUNK
     hopper: Optional[bool] = None
@@ -181,13 +188,15 @@ def tma_strides(x: torch.Tensor):
 @dataclass(frozen=True)
 class KernelLaunch:
     """One kernel of a plan: its tiles, whether it reads tiles through TMA, how many programs share a column
-    (adding atomically when more than one), and why."""
+    (adding atomically when more than one), whether its warpgroups issue their products in turn (the Gluon
+    forward), and why."""
 
     kernel: str
     tiles: Tiles
     tma: bool = False
     splits: int = 1
     why: str = ""
+    pingpong: bool = False
 
     @property
     def warp_specialised(self) -> bool:
@@ -202,8 +211,9 @@ class KernelLaunch:
         loads = "TMA" if self.tma else "plain loads"
         pairs = ", key blocks in pairs" if t.pairs else ""
         split = f", {self.splits} programs a column (atomic adds)" if self.atomic else ""
+        pingpong = ", ping-pong" if self.pingpong else ""
         return (f"{self.kernel}: {t.block_m}x{t.block_n} tiles, {t.num_warps} warps, {t.num_stages} stages, "
-                f"{loads}{pairs}{split}" + (f"  ({self.why})" if self.why else ""))
+                f"{loads}{pairs}{split}{pingpong}" + (f"  ({self.why})" if self.why else ""))
 
 
 @dataclass(frozen=True, repr=False)
@@ -254,15 +264,15 @@ def _tma(kernel: str, o: PlanOverrides, t: Tiles, varlen: bool, a: torch.Tensor,
 def warp_specialised_blocker(q, k, v, do, lse, varlen: bool, table: bool) -> str:
     """Why the warp-specialised kernels cannot run (empty where they can): they need Gluon of Triton 3.6, an sm_90
     GPU, a closed-form rule, no packed sequences (a TMA tile would read the neighbour's rows), 16-bit tensors, head
-    dims 64 or 128, and tensors TMA can address (alignment)."""
+    dims 64 or 128, and tensors TMA can address (alignment). The forward's call has no ``do`` and ``lse`` (None)."""
     reasons = [(GluonDescriptor is None, "no Gluon (Triton 3.6)"), (table, "mask tables"),
                (varlen, "packed sequences"), (q.element_size() != 2, "not 16-bit"),
-               (q.shape[-1] not in (64, 128), f"head dim {q.shape[-1]}"), (lse.stride(-1) != 1, "lse strided"),
-               (not is_hopper(q.device), "not an sm_90 GPU")]
+               (q.shape[-1] not in (64, 128), f"head dim {q.shape[-1]}"),
+               (lse is not None and lse.stride(-1) != 1, "lse strided"), (not is_hopper(q.device), "not an sm_90 GPU")]
     for blocked, why in reasons:
         if blocked:
             return why
-    if any(tma_strides(x) is None for x in (q, do, k, v)):
+    if any(tma_strides(x) is None for x in (q, k, v) + (() if do is None else (do,))):
         return "a view TMA cannot address"
     return ""
 
@@ -292,9 +302,19 @@ def make_plan(call: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, b
         return o.tiles.get(kernel) or tiles(kernel, block, head_dim, table, itemsize, seqlen)
 
     if call == "forward":
-        t = pick("fwd", max_k)
-        tma, why = _tma("fwd", o, t, varlen, k, v)
-        plan = LaunchPlan(what, fwd=KernelLaunch("_attn_fwd", t, tma, why=why), poison=o.poison)
+        blocker = warp_specialised_blocker(q, k, v, None, None, varlen, table)
+        if remap and not blocker:
+            blocker = "remap: the Gluon kernels do not take the key map"
+        if not blocker and o.warp_specialised.get("fwd", False):
+            fwd = KernelLaunch("_attn_fwd_ws", o.ws_fwd_tiles, True, why="warp-specialised",
+                               pingpong=o.ws_fwd_pingpong)
+        else:
+            t = pick("fwd", max_k)
+            tma, why = _tma("fwd", o, t, varlen, k, v)
+            gluon = (f"Triton: {blocker}" if blocker else
+                     "Triton: the Gluon forward is off unless plan_overrides(warp_specialised={'fwd': True})")
+            fwd = KernelLaunch("_attn_fwd", t, tma, why=", ".join(x for x in (why, gluon) if x))
+        plan = LaunchPlan(what, fwd=fwd, poison=o.poison)
     else:
         blocker = warp_specialised_blocker(q, k, v, do, lse, varlen, table)
         if remap and not blocker:

@@ -161,8 +161,14 @@ def segment_block(i, start, step, ent_base, tab_kb, tab_bits, qb_rows, qb_lo, lo
 
 @triton.jit
 def tile_ok(row_ok, q_pos, k_pos, len_k, CAUSAL: tl.constexpr):
-    """Token-level mask of a (query rows x keys) tile: block rule, sequence end, causality."""
-    ok = row_ok[:, None] & (k_pos < len_k)[None, :]
+    """Token-level mask of a (query rows x keys) tile: block rule (per row), sequence end, causality."""
+    return keys_ok(row_ok[:, None], q_pos, k_pos, len_k, CAUSAL=CAUSAL)
+
+
+@triton.jit
+def keys_ok(ok, q_pos, k_pos, len_k, CAUSAL: tl.constexpr):
+    """:func:`tile_ok` with the block rule ``ok`` given per (row, key) (a tile of keys from several blocks)."""
+    ok = ok & (k_pos < len_k)[None, :]
     if CAUSAL:
         ok = ok & (k_pos[None, :] <= q_pos[:, None])
     return ok

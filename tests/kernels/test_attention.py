@@ -440,6 +440,58 @@ def test_warp_specialised_kernels(block, dim, dtype, causal, deterministic):
         assert rel_err(a, b.double()) <= 4e-3
 
 
+def _forward(q, k, v, pattern, **settings):
+    """Out and lse of the forward alone, under ``plan_overrides(**settings)``, and the kernels it ran."""
+    plans = []
+    with plan_overrides(observe=plans.append, **settings):
+        out, lse = ops.attention(q, k, v, pattern, softmax_scale=q.shape[-1] ** -0.5, causal=pattern.causal,
+                                 layout="bshd", return_lse=True)
+    return out, lse, [p.fwd.kernel for p in plans]
+
+
+@pytest.mark.skipif(not WARP_SPECIALISED, reason="the warp-specialised kernels need Gluon and an sm_90 GPU")
+@pytest.mark.parametrize("block", [16, 32, 64, 128, 256])
+@pytest.mark.parametrize("dim, dtype", [(128, torch.bfloat16), (64, torch.float16)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_warp_specialised_forward(block, dim, dtype, causal):
+    """The Gluon forward (Hopper; off unless asked for) against the reference (out, lse, and the gradients of the
+    backward that reads its lse) and against the Triton forward: 128-key tiles of eight, four or two pattern blocks
+    (16, 32, 64: from different segments, masked per key) or of one block or half of one (128, 256); head dims 128
+    and 64; causal and bidirectional; batch 2, GQA, a dense head, fewer queries than keys and both lengths odd (a
+    query tile that starts before the first query, a last key block cut short)."""
+    pattern = local_stride(4, 8192, block, local_blocks=2, vert_stride=3, num_kv_heads=2, num_dense_heads=1,
+                           causal=causal)
+    q, k, v = make_qkv(2, 2900 - block // 2 - 3, 2900, 4, 2, dim, dtype)
+    with plan_overrides(warp_specialised={"fwd": True}):
+        check(q, k, v, pattern, with_lse=True)
+    out, lse, kernels = _forward(q, k, v, pattern, warp_specialised={"fwd": True})
+    assert kernels == ["_attn_fwd_ws"]
+    triton_out, triton_lse, kernels = _forward(q, k, v, pattern)
+    assert kernels == ["_attn_fwd"]
+    assert rel_err(out, triton_out.double()) <= 4e-3
+    assert torch.equal(torch.isinf(lse), torch.isinf(triton_lse))
+    finite = torch.isfinite(lse)
+    assert (lse[finite] - triton_lse[finite]).abs().max() <= 1e-3
+
+
+@pytest.mark.skipif(not WARP_SPECIALISED, reason="the warp-specialised kernels need Gluon and an sm_90 GPU")
+@pytest.mark.parametrize("settings", [dict(ws_fwd_pingpong=False), dict(ws_fwd_tiles=Tiles(128, 128, 4, 3)),
+                                      dict(ws_fwd_tiles=Tiles(128, 64, 4, 2))])
+@pytest.mark.parametrize("block", [16, 64, 128])
+def test_warp_specialised_forward_settings(settings, block):
+    """The Gluon forward's tuning settings (warpgroups not taking turns, 3 stages, 64-key tiles) give the
+    same values; a longer sequence (many vertical blocks a tile), end-aligned queries, one sequence."""
+    pattern = local_stride(4, 4099 * SCALE, block, local_blocks=3, vert_stride=4, num_kv_heads=2, num_dense_heads=1)
+    q, k, v = make_qkv(1, 3001, 4099 * SCALE, 4, 2, 128, torch.bfloat16)
+    out, lse, kernels = _forward(q, k, v, pattern, warp_specialised={"fwd": True}, **settings)
+    assert kernels == ["_attn_fwd_ws"]
+    ref_out, ref_lse = s2attn.reference_attention(*(x.double().cpu() for x in (q, k, v)), pattern,
+                                                  softmax_scale=128**-0.5, causal=True, layout="bshd",
+                                                  return_lse=True)
+    assert rel_err(out, ref_out.to(DEVICE)) <= TOL[torch.bfloat16]
+    assert (lse.cpu().double() - ref_lse).abs().max() <= 10 * TOL[torch.bfloat16]
+
+
 @pytest.mark.parametrize("dtype, grad_tol", [pytest.param(torch.float16, None, marks=QUICK), (torch.bfloat16, 0.3)])
 def test_large_scores_stay_finite(dtype, grad_tol):
     """Scores around 1e3-1e4 (large activations): the online softmax neither overflows nor NaNs,

@@ -22,3 +22,4 @@ def test_kernels_compile_for_sm90():
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
     assert run.stdout.count("| _attn_") >= 15, run.stdout  # every kernel of every configuration compiled
     assert run.stdout.count("| _decode_split_kernel |") == 7, run.stdout  # largest pages within shared memory
+    assert run.stdout.count("| _attn_fwd_ws |") == 2, run.stdout  # the Gluon forward, off by default
