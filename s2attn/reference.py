@@ -102,22 +102,25 @@ def attend_remapped(
             qb = torch.arange(first, (query_start + start + len(qpos) - 1) // B + 1)
             # the rule per (query block, packed key block), small and on the CPU; spread over tokens on the device
             rule = pattern.allows(heads, qb[None, :, None], blocks.clamp(min=0)[None, None, :]) & (blocks >= 0)
-
-            def chunk(q_c, k_g, v_g, rule=rule.to(q.device), qpos=qpos):
-                allowed = rule[:, qpos // B - first][:, :, s // B]
-                if causal:
-                    allowed = allowed & (kpos[None, None, :] <= qpos[None, :, None])
-                return _masked_softmax(q_c, k_g, v_g, allowed, softmax_scale)
-
-            q_c = q[:, g * group:(g + 1) * group, start:start + len(qpos)]
+            args = (q[:, g * group:(g + 1) * group, start:start + len(qpos)], k_g, v_g, rule.to(q.device),
+                    qpos // B - first, s // B, qpos, kpos, causal, softmax_scale)
             # with gradients, each chunk's scores are recomputed in the backward rather than kept: memory of one
             # chunk, not of the whole (sq, sk), so the reference reaches the lengths the kernels are checked at
-            out, lse = checkpoint(chunk, q_c, k_g, v_g, use_reentrant=False) if grad else chunk(q_c, k_g, v_g)
+            out, lse = checkpoint(_remapped_chunk, *args, use_reentrant=False) if grad else _remapped_chunk(*args)
             outs_g.append(out)
             lses_g.append(lse)
         outs.append(torch.cat(outs_g, 2))
         lses.append(torch.cat(lses_g, 2))
     return torch.cat(outs, 1), torch.cat(lses, 1)
+
+
+def _remapped_chunk(q, k, v, rule, rows, cols, qpos, kpos, causal: bool, softmax_scale: float):
+    """One chunk of :func:`attend_remapped`: ``rule (heads, query blocks, packed key blocks)`` spread over the
+    tokens (``rows`` / ``cols``: each query's and key's block in it), causality on absolute positions."""
+    allowed = rule[:, rows][:, :, cols]
+    if causal:
+        allowed = allowed & (kpos[None, None, :] <= qpos[None, :, None])
+    return _masked_softmax(q, k, v, allowed, softmax_scale)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

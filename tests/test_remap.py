@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from s2attn import dense, from_mask, local_stride, lowering, patterns, reference_attention
+from s2attn import reference
 from s2attn import remap as remap_module
 from s2attn.integrations.distributed import _plan_for, needed_key_blocks
 from s2attn.kernels import plan as kernel_plan
@@ -232,3 +233,26 @@ def test_layouts_the_kernels_do_not_take_fall_back():
     assert layout([0, 3, 2, 3]) is None  # an outside block inside the own range
     assert layout([0, -1, 1, 3]) is None  # padding after a block
     assert layout([0, 1, 5, 3], sq=32) is None  # a query's block not in the own suffix
+
+
+def test_reference_chunks_recompute_their_own_scores():
+    """With gradients the remapped reference recomputes each (kv head, query chunk)'s scores in the backward:
+    each chunk must recompute with its own block map and query range (several kv heads with different maps,
+    many small chunks), giving the gradients of one unchunked pass."""
+    pattern = local_stride(4, 1024, 16, 2, 3, num_kv_heads=2)
+    plan = _plan_for(pattern, 1024, 2, 1, 4, 2, True)
+    chunk = max(plan.chunks, key=lambda c: c.rows.stop - c.rows.start)
+    assert not torch.equal(chunk.key_blocks[0], chunk.key_blocks[1])
+    g = torch.Generator().manual_seed(0)
+    sq = chunk.rows.stop - chunk.rows.start
+    q, dout = (torch.randn(1, 4, sq, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(1, 2, chunk.width, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    grads = []
+    for chunk_size in (40, 10**6):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out, _ = reference.attend_remapped(*leaves, pattern, chunk.key_blocks, chunk.a, 8**-0.5, True,
+                                           chunk_size=chunk_size)
+        (out * dout).sum().backward()
+        grads.append([x.grad for x in leaves])
+    for name, x, y in zip("qkv", *grads):
+        assert _rel(x, y) < TOL, f"d{name}"
