@@ -18,7 +18,7 @@ blocks under 64 its rows span several columns, and a row is masked until its own
 kernels stay the reference, and the path everywhere else: other GPUs, the CPU interpreter, packed
 sequences, mask tables, head dims other than 64 and 128, fp32 (see ``launch._hopper_descriptors``); and
 for dQ, pattern blocks under 64 and up to 32k keys, where Triton's tiles are faster; the forward unless asked
-for (``plan_overrides(warp_specialised={"fwd": True})``: not yet timed on a GPU).
+for (``plan_overrides(warp_specialised={"fwd": True})``: faster on an H100, its GPU tests not yet passed).
 """
 
 import triton
