@@ -572,7 +572,8 @@ def _fwd_compute(q_bufs, k_bufs, v_bufs, q_ready, ready, empty, turns, o_desc, O
     if (row0 >= 0) & (row0 + ROWS <= len_q):
         # through this warpgroup's Q buffer (its last scores are done) and TMA, only where the whole box is inside the
         # sequence: a TMA store of a box starting before the first query (end-aligned queries) or running past the
-        # last is never issued (H100: the tests with such boxes died with an illegal instruction)
+        # last is never issued (H100: the tests that issued them died with an illegal instruction, the only TMA
+        # operation of theirs that neither the timing run nor the dQ kernel issues; ws_fwd_bisect.py --old-store)
         q.store(o)
         fence_async_shared()
         tma.async_copy_shared_to_global(o_desc, [b, row0, h, 0], q_bufs.index(WG))
