@@ -18,7 +18,7 @@ blocks under 64 its rows span several columns, and a row is masked until its own
 kernels stay the reference, and the path everywhere else: other GPUs, the CPU interpreter, packed
 sequences, mask tables, head dims other than 64 and 128, fp32 (see ``launch._hopper_descriptors``); and
 for dQ, pattern blocks under 64 and up to 32k keys, where Triton's tiles are faster; the forward unless asked
-for (``plan_overrides(warp_specialised={"fwd": True})``: not yet timed on a GPU).
+for (``plan_overrides(warp_specialised={"fwd": True})``: faster on an H100, its GPU tests not yet passed).
 """
 
 import triton
@@ -508,12 +508,13 @@ def _softmax_step(st, m_i, l_i, qk_scale, p_type: gl.constexpr, p_layout: gl.con
 
 
 @gluon.jit
-def _fwd_compute(q_bufs, k_bufs, v_bufs, q_ready, ready, empty, turns, o_desc, LSE, b, h, q_first, len_k, q_off,
-                 qk_scale, n_tiles, segs, local, shift, dense, WG: gl.constexpr, BLOCK: gl.constexpr,
-                 HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+def _fwd_compute(q_bufs, k_bufs, v_bufs, q_ready, ready, empty, turns, o_desc, O, stride_os, LSE, b, h, q_first,
+                 len_q, len_k, q_off, qk_scale, n_tiles, segs, local, shift, dense, WG: gl.constexpr,
+                 BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
+                 PINGPONG: gl.constexpr):
     """Compute warpgroup ``WG``: the online softmax of its 64 query rows (positions from ``q_first``) over the
-    tile's ``n_tiles`` key tiles, then ``out`` (through its Q buffer and TMA) and ``lse`` (``LSE`` points at this
-    head's row 0).
+    tile's ``n_tiles`` key tiles, then ``out`` and ``lse`` (``O`` and ``LSE`` point at this head's row 0 of the
+    sequence): rows all inside the sequence through its Q buffer and TMA, others with masked stores.
 
     Tile ``t``'s scores are issued with ``P @ V`` of tile ``t - 1`` and waited for alone, so tile ``t``'s softmax
     runs while ``P @ V`` of ``t - 1`` is on the tensor cores (the accumulator is rescaled after it); with
@@ -566,19 +567,29 @@ def _fwd_compute(q_bufs, k_bufs, v_bufs, q_ready, ready, empty, turns, o_desc, L
     mbarrier.arrive(empty.index(STAGES + (n_tiles - 1) % STAGES))
     nonempty = l_i > 0.0
     l_safe = gl.where(nonempty, l_i, 1.0)
-    # out through this warpgroup's Q buffer (its last scores are done): TMA drops the rows outside the sequence
-    q.store((acc / gl.convert_layout(l_safe, d_rows)[:, None]).to(dtype))
-    fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [b, q_first - q_off, h, 0], q_bufs.index(WG))
-    # the sequence's queries sit at positions q_off .. len_k - 1
+    o = (acc / gl.convert_layout(l_safe, d_rows)[:, None]).to(dtype)
+    row0 = q_first - q_off  # the sequence's queries sit at positions q_off .. len_k - 1
+    if (row0 >= 0) & (row0 + ROWS <= len_q):
+        # through this warpgroup's Q buffer (its last scores are done) and TMA, only where the whole box is inside the
+        # sequence: a TMA store of a box starting before the first query (end-aligned queries) or running past the
+        # last is never issued (H100: the tests that issued them died with an illegal instruction, the only TMA
+        # operation of theirs that neither the timing run nor the dQ kernel issues; ws_fwd_bisect.py --old-store)
+        q.store(o)
+        fence_async_shared()
+        tma.async_copy_shared_to_global(o_desc, [b, row0, h, 0], q_bufs.index(WG))
+    else:  # the sequence's first or last query tile: the rows inside it, as the dQ kernel stores dQ
+        rows = row0 + gl.arange(0, ROWS, d_rows)
+        offs_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, d_layout))
+        gl.store(O + rows.to(gl.int64)[:, None] * stride_os + offs_d[None, :], o,
+                 mask=((rows >= 0) & (rows < len_q))[:, None] & (offs_d < HEAD_DIM)[None, :])
     gl.store(LSE + (q_pos - q_off), gl.where(nonempty, (m_i + gl.log2(l_safe)) / LOG2E_C, float("-inf")),
              mask=(q_pos >= q_off) & (q_pos < len_k))
     tma.store_wait(0)
 
 
-@gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "local", "stride"])
+@gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "local", "stride", "stride_os"])
 def _attn_fwd_ws(
-    q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, stride_lh,
+    q_desc, k_desc, v_desc, o_desc, O, stride_ob, stride_os, stride_oh, LSE, stride_lb, stride_lh,
     seqlen_q, seqlen_k, heads_per_kv, qk_scale,
     local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous,
     BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
@@ -594,8 +605,9 @@ def _attn_fwd_ws(
     KEYS: gl.constexpr = k_desc.block_type.shape[1]
     h = gl.program_id(1)
     b = gl.program_id(2)
+    len_q = seqlen_q
     len_k = seqlen_k
-    tile, q_off, exists = _query_tile(seqlen_q, len_k, TILE)
+    tile, q_off, exists = _query_tile(len_q, len_k, TILE)
     if exists:
         shift, dense, segs, n_blocks = _query_tile_blocks(
             tile, len_k, h, local, stride, step, offset, heads_per_group, head_base, sparse_groups, homogeneous,
@@ -609,16 +621,17 @@ def _attn_fwd_ws(
         turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for w in gl.static_range(2):
             mbarrier.init(turns.index(w), count=1)
+        o_ptr = O + b.to(gl.int64) * stride_ob + h * stride_oh
         lse_ptr = LSE + b * stride_lb + h * stride_lh
         first0 = tile * TILE
         first1 = tile * TILE + ROWS
         gl.warp_specialize([
-            (_fwd_compute, (q_bufs, k_bufs, v_bufs, q_ready, ready, empty, turns, o_desc, lse_ptr, b, h, first0,
-                            len_k, q_off, qk_scale, n_tiles, segs, local, shift, dense, 0, BLOCK, HEAD_DIM, CAUSAL,
-                            STAGES, PINGPONG)),
-            (_fwd_compute, (q_bufs, k_bufs, v_bufs, q_ready, ready, empty, turns, o_desc, lse_ptr, b, h, first1,
-                            len_k, q_off, qk_scale, n_tiles, segs, local, shift, dense, 1, BLOCK, HEAD_DIM, CAUSAL,
-                            STAGES, PINGPONG)),
+            (_fwd_compute, (q_bufs, k_bufs, v_bufs, q_ready, ready, empty, turns, o_desc, o_ptr, stride_os, lse_ptr, b,
+                            h, first0, len_q, len_k, q_off, qk_scale, n_tiles, segs, local, shift, dense, 0, BLOCK,
+                            HEAD_DIM, CAUSAL, STAGES, PINGPONG)),
+            (_fwd_compute, (q_bufs, k_bufs, v_bufs, q_ready, ready, empty, turns, o_desc, o_ptr, stride_os, lse_ptr, b,
+                            h, first1, len_q, len_k, q_off, qk_scale, n_tiles, segs, local, shift, dense, 1, BLOCK,
+                            HEAD_DIM, CAUSAL, STAGES, PINGPONG)),
             (_fwd_loader, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, ready, empty, b, h,
                            h // heads_per_kv, first0 - q_off, n_tiles, segs, BLOCK, STAGES)),
         ], [4, 1], [232, 32])  # the loader's unrolled steps (blocks of 16) spilled 20 bytes in 24 registers

@@ -186,7 +186,7 @@ def forward(q, k, v, *, cu_q, cu_k, max_q, max_k, rule, rows, block, scale, caus
     if plan.fwd.warp_specialised:  # K and V in TMA tiles of a block, up to a whole key tile
         _attn_fwd_ws[grid](
             *_gluon_descriptors(64, q), *_gluon_descriptors(min(block, t.block_n), k, v), *_gluon_descriptors(64, out),
-            lse, *lse.stride()[:2], max_q, max_k, heads // k.shape[2], scale * LOG2E,
+            out, *out.stride()[:3], lse, *lse.stride()[:2], max_q, max_k, heads // k.shape[2], scale * LOG2E,
             **rule.closed_form(), BLOCK=block, BLOCK_N=t.block_n, HEAD_DIM=head_dim, CAUSAL=causal,
             STAGES=t.num_stages,
             PINGPONG=plan.fwd.pingpong, num_warps=t.num_warps, maxnreg=WS_MAXNREG,

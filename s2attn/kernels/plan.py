@@ -55,8 +55,8 @@ class Tiles:
 WS_TILES = Tiles(64, 128, 12, 2)
 WS_DQ_STAGES = 2
 WS_DQ_FROM = 32768  # the Gluon dQ past this many keys (below it Triton's 64-query tiles are faster)
-# the Gluon forward (off unless asked for: not yet timed on a GPU): 128 queries (64 a warpgroup) against tiles of 128
-# keys, K and V each in a ring of 2 stages (d128: 160 KiB of shared memory; 3 stages, 224 KiB, also fit)
+# the Gluon forward (off unless asked for: its GPU tests not yet passed): 128 queries (64 a warpgroup) against tiles
+# of 128 keys, K and V each in a ring of 2 stages (d128: 160 KiB of shared memory; 3 stages, 224 KiB, also fit)
 WS_FWD_TILES = Tiles(128, 128, 4, 2)
 
 

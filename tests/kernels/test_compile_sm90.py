@@ -23,3 +23,20 @@ def test_kernels_compile_for_sm90():
     assert run.stdout.count("| _attn_") >= 15, run.stdout  # every kernel of every configuration compiled
     assert run.stdout.count("| _decode_split_kernel |") == 7, run.stdout  # largest pages within shared memory
     assert run.stdout.count("| _attn_fwd_ws |") == 2, run.stdout  # the Gluon forward, off by default
+
+
+def test_ws_fwd_bisect_old_store_still_builds(monkeypatch):
+    """``benchmarks/ws_fwd_bisect.py --old-store`` rebuilds the Gluon forward with the store of its first GPU run (TMA
+    for every out box): the condition it edits is still in the kernel, and the copy imports."""
+    from s2attn.kernels import launch
+
+    if launch.GluonDescriptor is None:
+        pytest.skip("needs Gluon (Triton 3.6)")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import ws_fwd_bisect
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    monkeypatch.setattr(launch, "_attn_fwd_ws", launch._attn_fwd_ws)  # put back afterwards
+    ws_fwd_bisect._use_old_store()
+    assert launch._attn_fwd_ws.fn.__module__ == "hopper_old_store"
