@@ -24,7 +24,9 @@
 # finished run of that variant in $RESULTS, else EST_S); 0 = no limit. BUNDLE=path.tar.gz: after each run,
 # that file holds every run directory finished in this call (one file to carry back). JOBS=N: up to N runs at
 # once on the one GPU (the model is small, so they share it well); run.json records it, and the aggregation
-# takes tokens/s only from runs with JOBS=1. Settings are environment variables or NAME=value arguments:
+# takes tokens/s only from runs with JOBS=1. COMMIT=sha: the commit run.json records (default: git's HEAD, "+dirty"
+# if the tree differs; the device tool's copy of .git can be older than the tree it sends, so pass it from where
+# the call is made). Settings are environment variables or NAME=value arguments:
 #
 #   bash benchmarks/train_quality_seeds.sh VARIANTS=dense,hhst SEEDS=0 BUDGET_S=530 BUNDLE=$OUT/runs.tar.gz
 #
@@ -33,7 +35,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-KNOWN=" PYTHON RESULTS WORK RUNS VARIANTS SEEDS JOBS BUDGET_S EST_S BUNDLE DEVICE SEQ MIN_LEN BATCH STEPS LR TASK LOSS \
+KNOWN=" PYTHON RESULTS WORK RUNS VARIANTS SEEDS JOBS BUDGET_S EST_S BUNDLE COMMIT DEVICE SEQ MIN_LEN BATCH STEPS LR TASK LOSS \
 D_MODEL LAYERS HEADS KV_HEADS DENSE_LAYERS LOCAL STRIDE BLOCK EVAL_TOKENS EVAL_LENGTHS NEEDLE_LENGTHS NEEDLE_DEPTHS \
 NEEDLE_SAMPLES NEEDLE_BATCH "
 for arg in "$@"; do
@@ -104,7 +106,7 @@ one_run() {  # train and evaluate run $1 (<variant>-s<seed>) into $RESULTS/$1
   # train and needle in one process: one interpreter start and CUDA initialisation a run, not two
   PYTHONUNBUFFERED=1 PYTHONPATH=. "$PY" - "$variant" "$seed" "$run" "$JOBS" "${TRAIN[@]}" -- "${NEEDLE[@]}" <<'EOF' \
     2>&1 | tee "$run/run.log"
-import json, platform, shlex, shutil, subprocess, sys, time
+import json, os, platform, shlex, shutil, subprocess, sys, time
 from pathlib import Path
 
 import torch
@@ -129,11 +131,12 @@ for module in ("triton", "transformers"):
         versions[module] = None
 git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
 dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+commit = os.environ.get("COMMIT") or (git.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")) or None
 cuda = "cuda" in train[train.index("--device") + 1]
 record = {"variant": variant, "seed": seed, "wall_s": round(t1 - t0, 1), "jobs": jobs,
           "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)),
           "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu", **versions,
-          "commit": (git.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")) or None,
+          "commit": commit,
           "train": shlex.join(["s2attn", *train]), "needle": shlex.join(["s2attn", *needle])}
 (run / "run.json").write_text(json.dumps(record, indent=1) + "\n")
 print(f"{variant} seed {seed}: {t1 - t0:.0f} s")
