@@ -14,12 +14,15 @@ last rung is the profile's shape (32k keys, 32 heads, block 64), whose timings (
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # (name, shape): each rung the one before with one thing changed (the side rungs, marked "side", change it back)
 BASE = dict(batch=1, sq=1024, sk=1024, heads=4, kv=4, dense=0, dim=128, half="bf16", causal=True, block=64,
@@ -53,25 +56,19 @@ STORE_RUNGS = (1, 5, 6, 7, 8)  # rungs (1-based) rerun with --old-store: no box 
 OLD_CONDITION = "    if (row0 >= 0) & (row0 + ROWS <= len_q):\n"
 
 
-def _use_old_store():
-    """Swap in a copy of the kernel whose out goes through TMA for every box, as in the version first run on a GPU."""
-    from s2attn.kernels import hopper, launch
-
-    src = open(hopper.__file__).read()
+def _old_store_tree() -> str:
+    """A copy of the package whose Gluon forward stores out through TMA for every box, as the version first run on a
+    GPU did: a directory for the front of a child's PYTHONPATH (nothing in this process changes)."""
+    tree = Path(tempfile.mkdtemp(prefix="s2attn-old-store-"))
+    shutil.copytree(ROOT / "s2attn", tree / "s2attn", ignore=shutil.ignore_patterns("__pycache__"))
+    hopper = tree / "s2attn" / "kernels" / "hopper.py"
+    src = hopper.read_text()
     assert OLD_CONDITION in src, "hopper._fwd_compute's store condition changed: update ws_fwd_bisect.OLD_CONDITION"
-    src = src.replace(OLD_CONDITION, "    if True:\n")
-    src = src.replace("from .attention import", "from s2attn.kernels.attention import")
-    src = src.replace("from .rule import", "from s2attn.kernels.rule import")
-    path = os.path.join(tempfile.mkdtemp(), "hopper_old_store.py")
-    with open(path, "w") as f:
-        f.write(src)
-    spec = importlib.util.spec_from_file_location("hopper_old_store", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    launch._attn_fwd_ws = mod._attn_fwd_ws
+    hopper.write_text(src.replace(OLD_CONDITION, "    if True:\n"))
+    return str(tree)
 
 
-def _run_rung(shape: dict, old_store: bool) -> str:
+def _run_rung(shape: dict, tree: str | None) -> str:
     import torch
 
     import s2attn
@@ -79,8 +76,8 @@ def _run_rung(shape: dict, old_store: bool) -> str:
     from s2attn.kernels.plan import Tiles, plan_overrides
     from s2attn.patterns import local_stride
 
-    if old_store:
-        _use_old_store()
+    if tree is not None:  # the old store's copy of the package, not this checkout's
+        assert s2attn.__file__.startswith(tree), (s2attn.__file__, tree)
     s = shape
     dtype = torch.bfloat16 if s["half"] == "bf16" else torch.float16
     gen = torch.Generator().manual_seed(0)
@@ -140,20 +137,24 @@ def main(argv=None) -> int:
                     help=f"also rerun rungs {','.join(map(str, STORE_RUNGS))} with the first version's out store")
     ap.add_argument("--timeout", type=float, default=180.0, help="seconds a rung may take (a hang: HANG)")
     ap.add_argument("--rung", type=int, help=argparse.SUPPRESS)  # in the child process
-    ap.add_argument("--child-old-store", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--child-tree", help=argparse.SUPPRESS)  # the old store's package copy
     a = ap.parse_args(argv)
     rungs = _rungs()
     if a.rung is not None:
-        print("RESULT " + _run_rung(rungs[a.rung - 1][1], a.child_old_store), flush=True)
+        print("RESULT " + _run_rung(rungs[a.rung - 1][1], a.child_tree), flush=True)
         return 0
     picked = [int(x) for x in a.only.split(",") if x] or list(range(1, len(rungs) + 1))
     jobs = [(i, False) for i in picked] + ([(i, True) for i in STORE_RUNGS] if a.old_store else [])
+    tree = _old_store_tree() if a.old_store else None
     failed = 0
     for i, old in jobs:
         name = rungs[i - 1][0] + ("  [old store: TMA for every box]" if old else "")
-        cmd = [sys.executable, os.path.abspath(__file__), "--rung", str(i)] + (["--child-old-store"] if old else [])
+        cmd = [sys.executable, os.path.abspath(__file__), "--rung", str(i)] + (["--child-tree", tree] if old else [])
+        env = dict(os.environ)
+        if old:
+            env["PYTHONPATH"] = os.pathsep.join(x for x in (tree, env.get("PYTHONPATH")) if x)
         try:
-            run = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+            run = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, env=env)
             lines = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]
             if run.returncode == 0 and lines:
                 verdict = lines[-1][len("RESULT "):]

@@ -25,18 +25,18 @@ def test_kernels_compile_for_sm90():
     assert run.stdout.count("| _attn_fwd_ws |") == 2, run.stdout  # the Gluon forward, off by default
 
 
-def test_ws_fwd_bisect_old_store_still_builds(monkeypatch):
-    """``benchmarks/ws_fwd_bisect.py --old-store`` rebuilds the Gluon forward with the store of its first GPU run (TMA
-    for every out box): the condition it edits is still in the kernel, and the copy imports."""
-    from s2attn.kernels import launch
-
-    if launch.GluonDescriptor is None:
-        pytest.skip("needs Gluon (Triton 3.6)")
+def test_ws_fwd_bisect_old_store_still_builds():
+    """``benchmarks/ws_fwd_bisect.py --old-store`` runs rungs on a copy of the package whose Gluon forward has the store
+    of its first GPU run (TMA for every out box): the condition it edits is still in the kernel, and the copy
+    imports in a child process ahead of this checkout."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import ws_fwd_bisect
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    monkeypatch.setattr(launch, "_attn_fwd_ws", launch._attn_fwd_ws)  # put back afterwards
-    ws_fwd_bisect._use_old_store()
-    assert launch._attn_fwd_ws.fn.__module__ == "hopper_old_store"
+    tree = ws_fwd_bisect._old_store_tree()
+    check = ("import sys, s2attn.kernels.hopper as h; assert h.__file__.startswith(sys.argv[1]), h.__file__; "
+             "assert 'if True:' in open(h.__file__).read()")
+    run = subprocess.run([sys.executable, "-c", check, tree], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": tree}, cwd=tree)  # not this checkout's s2attn/
+    assert run.returncode == 0, run.stderr
