@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session: environment, GPU tests, benchmarks; a short table last.
-# Usage (device tool): bash scripts/gpu_check.sh [tests|fuzz|bench|compare|all]   results land in $OUT (default ./gpu-out)
+# Usage (device tool): bash scripts/gpu_check.sh [tests|fuzz|bench|compare|wsfwd|remap|decode|profile|extra|all]
+# Results land in $OUT (default ./gpu-out).
 # compare: REF=DIR (a package tree of another commit: git archive COMMIT s2attn | tar -x -C DIR) timed against
 # this tree in alternation, ROUNDS times each (default 2), with the same `s2attn bench` arguments (COMPARE_ARGS).
 set -uo pipefail
@@ -29,6 +30,19 @@ if [[ $what == fuzz || $what == all ]]; then
 fi
 if [[ $what == decode ]]; then
   timeout ${DECODE_TIMEOUT:-240} python3 benchmarks/bench_decode.py --out "$OUT/bench_decode.json" 2>&1 | tee "$OUT/bench_decode.md" | tail -45
+fi
+if [[ $what == wsfwd ]]; then
+  # the Gluon forward (off by default): its GPU tests, the bisect ladder (old out store beside the new), timings
+  timeout ${WSFWD_TEST_TIMEOUT:-300} python3 -m pytest -q -n 8 -p no:warnings tests/kernels/test_attention.py \
+      -k warp_specialised_forward 2>&1 | tee "$OUT/wsfwd_tests.log" | tail -15
+  timeout ${BISECT_TIMEOUT:-280} python3 benchmarks/ws_fwd_bisect.py --old-store --timeout 90 2>&1 | tee "$OUT/bisect.log"
+  timeout ${PROFILE_TIMEOUT:-150} python3 benchmarks/profile_bwd.py --only "default,ws fwd" --rounds 2 2>&1 \
+      | tee "$OUT/wsfwd_profile.log" | grep "^|"
+fi
+if [[ $what == remap ]]; then
+  # issue 22: the remap against the table path (kernel times) and the reference, rank by rank
+  timeout ${REMAP_TIMEOUT:-400} python3 benchmarks/bench_remap.py --seq 131072 524288 --world 2 --reference 2>&1 \
+      | tee "$OUT/remap.log" | grep "^|"
 fi
 if [[ $what == profile ]]; then
   timeout ${PROFILE_TIMEOUT:-300} python3 benchmarks/profile_bwd.py ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.log" | tail -30
