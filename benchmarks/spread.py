@@ -49,24 +49,17 @@ def _timed(fn, samples: list) -> tuple[float, float, float]:
     return ms, statistics.mean(s[1] for s in during), statistics.mean(s[2] for s in during)
 
 
-def _peer(name: str, q, k, v, qh, kh, vh):
-    """The forward call of one of ``s2attn bench``'s peer providers (FlexAttention, FlashAttention-4)."""
-    if name == "fa4":
-        return lambda: bench._fa4(q, k, v)
-    n, heads = q.shape[1], q.shape[2]
-    pattern = local_stride(heads, n, 128, 4, 16) if name.endswith("-128") else local_stride(heads, n, 64, 8, 16)
-    flex = bench._flex(pattern.to_flex_block_mask(n, "cuda"), "FLASH" if name.startswith("flex-fa4") else None)
-    return lambda: flex(qh, kh, vh)
-
-
 def _contenders(a, q, k, v) -> dict:
     """name -> the call to time: the forward, or the backward alone (over one recorded graph)."""
     n, heads = q.shape[1], q.shape[2]
-    pat = local_stride(heads, n, 64, 8, 16)
+    pat, pat128 = local_stride(heads, n, 64, 8, 16), local_stride(heads, n, 128, 4, 16)
     qh, kh, vh = (x.detach().transpose(1, 2).contiguous().requires_grad_(a.backward) for x in (q, k, v))
     ours = lambda: sparse_attention(q, k, v, pat)  # noqa: E731
     forwards = {"s2attn": (ours, contextlib.nullcontext)}
-    forwards |= {name: (_peer(name, q, k, v, qh, kh, vh), contextlib.nullcontext) for name in a.peers}
+    for name in a.peers:
+        forward, layout, _ = bench._provider(name, n, pat, pat128)
+        inputs = (q, k, v) if layout == "bshd" else (qh, kh, vh)
+        forwards[name] = (lambda forward=forward, inputs=inputs: forward(*inputs), contextlib.nullcontext)
     if a.gluon_forward:
         forwards["s2attn gluon-fwd"] = (ours, lambda: plan_overrides(warp_specialised={"fwd": True}))
     if a.tiles:

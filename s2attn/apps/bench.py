@@ -129,13 +129,29 @@ def _available(name: str) -> None:
             raise Unavailable("flash_attn.cute (flash-attn-4) is not installed: scripts/fa4_wheels.sh")
 
 
-def run(seqlens, heads=32, head_dim=128, local=512, stride=16, block=64, providers=None, out=None,
-        progress=print) -> list[Row]:
-    providers = providers or DEFAULT_PROVIDERS.split(",")
+def _provider(name: str, seqlen: int, pat, pat128):
+    """Provider ``name``'s forward ``(q, k, v) -> out``, the layout it takes (``"bshd"`` or ``"bhsd"``) and the
+    pattern it computes (``None``: dense); ``pat`` is the s2attn pattern, ``pat128`` the same rule in 128-token
+    blocks (FlexAttention's best case)."""
     from torch.nn.attention import SDPBackend
 
     from ..api import sparse_attention
 
+    if name == "s2attn":
+        return (lambda a, b, c: sparse_attention(a, b, c, pat)), "bshd", pat
+    if name.startswith("sdpa"):
+        backend = SDPBackend.FLASH_ATTENTION if name == "sdpa-flash" else SDPBackend.CUDNN_ATTENTION
+        return _sdpa(backend), "bhsd", None
+    if name == "fa4":
+        return _fa4, "bshd", None
+    used = pat128 if name.endswith("-128") else pat  # flex-128, flex-same, flex-fa4-128, flex-fa4-same
+    backend = "FLASH" if name.startswith("flex-fa4") else None
+    return _flex(used.to_flex_block_mask(seqlen, "cuda"), backend), "bhsd", used
+
+
+def run(seqlens, heads=32, head_dim=128, local=512, stride=16, block=64, providers=None, out=None,
+        progress=print) -> list[Row]:
+    providers = providers or DEFAULT_PROVIDERS.split(",")
     rows: list[Row] = []
     dev = "cuda"
     _spin_up()
@@ -149,20 +165,8 @@ def run(seqlens, heads=32, head_dim=128, local=512, stride=16, block=64, provide
             t0 = time.time()
             try:
                 _available(name)
-                if name == "s2attn":
-                    fwd, bwd = _measure(lambda a, b, c: sparse_attention(a, b, c, pat), q, k, v)
-                    used = pat
-                elif name.startswith("sdpa"):
-                    backend = SDPBackend.FLASH_ATTENTION if name == "sdpa-flash" else SDPBackend.CUDNN_ATTENTION
-                    fwd, bwd = _measure(_sdpa(backend), qh, kh, vh)
-                    used = None
-                elif name == "fa4":
-                    fwd, bwd = _measure(_fa4, q, k, v)
-                    used = None
-                else:  # flex-128, flex-same, flex-fa4-128, flex-fa4-same
-                    used = pat128 if name.endswith("-128") else pat
-                    backend = "FLASH" if name.startswith("flex-fa4") else None
-                    fwd, bwd = _measure(_flex(used.to_flex_block_mask(seqlen, dev), backend), qh, kh, vh)
+                forward, layout, used = _provider(name, seqlen, pat, pat128)
+                fwd, bwd = _measure(forward, *((q, k, v) if layout == "bshd" else (qh, kh, vh)))
                 pairs = _pairs(used, seqlen, heads)
                 dens = pairs / (heads * seqlen * (seqlen + 1) / 2)
                 flops = pairs * FWD_FLOPS_PER_PAIR * head_dim
