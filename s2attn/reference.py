@@ -88,11 +88,12 @@ def attend_remapped(
     B = pattern.block_size
     pattern_heads = torch.arange(h) if pattern.num_heads is not None else torch.zeros(h, dtype=torch.long)
     s = torch.arange(sk, device=q.device)
+    s_block = s // B  # each packed key's packed block
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     outs, lses = [], []
     for g in range(hk):
         blocks = key_blocks[g].to("cpu", torch.long)  # the absolute block of each packed key block
-        kpos = blocks.to(q.device)[s // B] * B + s % B
+        kpos = blocks.to(q.device)[s_block] * B + s % B
         heads = pattern_heads[g * group:(g + 1) * group, None, None]
         k_g, v_g = (x[:, g:g + 1].expand(b, group, sk, x.shape[-1]) for x in (k, v))
         outs_g, lses_g = [], []
@@ -103,7 +104,7 @@ def attend_remapped(
             # the rule per (query block, packed key block), small and on the CPU; spread over tokens on the device
             rule = pattern.allows(heads, qb[None, :, None], blocks.clamp(min=0)[None, None, :]) & (blocks >= 0)
             args = (q[:, g * group:(g + 1) * group, start:start + len(qpos)], k_g, v_g, rule.to(q.device),
-                    qpos // B - first, s // B, qpos, kpos, causal, softmax_scale)
+                    qpos // B - first, s_block, qpos, kpos, causal, softmax_scale)
             # with gradients, each chunk's scores are recomputed in the backward rather than kept: memory of one
             # chunk, not of the whole (sq, sk), so the reference reaches the lengths the kernels are checked at
             out, lse = checkpoint(_remapped_chunk, *args, use_reentrant=False) if grad else _remapped_chunk(*args)
